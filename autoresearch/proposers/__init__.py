@@ -1,0 +1,1 @@
+"""Proposers decide *what to try*: they turn a ProposalContext into a Proposal."""

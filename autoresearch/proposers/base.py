@@ -1,0 +1,82 @@
+"""The contract between the daemon and every proposer (see docs/ARCHITECTURE.md)."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping, Protocol
+
+
+@dataclass(frozen=True)
+class HistoryRow:
+    n: int  # experiment number (0 = baseline)
+    status: str  # kept | discarded | crashed | rejected | baseline
+    metric: float | None
+    description: str
+    commit: str | None = None
+    files: Mapping[str, str] | None = None  # editable files of that experiment, if recorded
+
+
+@dataclass(frozen=True)
+class ProposalContext:
+    workspace: Path
+    n: int
+    program: str
+    editable: tuple[str, ...]
+    files: Mapping[str, str]  # current (= best) content of each editable file
+    history: tuple[HistoryRow, ...]
+    best_metric: float | None
+    direction: str  # minimize | maximize
+    last_failure: str | None  # log tail of the last crashed run (untrusted text)
+    harness_dir: Path | None
+    deadline: float  # time.monotonic() by which propose must return
+    cancel: threading.Event = field(default_factory=threading.Event)
+
+
+ZERO_USAGE = {
+    "input_tokens": 0,
+    "output_tokens": 0,
+    "cache_read_input_tokens": 0,
+    "cache_creation_input_tokens": 0,
+}
+
+
+@dataclass
+class Proposal:
+    description: str  # one line
+    files: dict[str, str] | None  # new content of changed editable files; None = worktree edited
+    proposer: str
+    usage: dict[str, int] = field(default_factory=lambda: dict(ZERO_USAGE))
+    cost_usd: float = 0.0
+    meta: dict = field(default_factory=dict)
+
+
+class Proposer(Protocol):
+    name: str
+
+    def propose(self, ctx: ProposalContext) -> Proposal: ...
+
+
+class ProposerError(Exception):
+    def __init__(self, reason: str, *, usage: dict | None = None, cost_usd: float = 0.0):
+        super().__init__(reason)
+        self.reason = reason
+        self.usage = dict(usage or ZERO_USAGE)
+        self.cost_usd = cost_usd
+
+
+class NoEdit(ProposerError):
+    """The agent produced no usable edit: the daemon falls back or rejects."""
+
+
+class ProposerUnavailable(ProposerError):
+    """Outage, rate limit, timeout: the daemon enters `blocked` and retries later."""
+
+    def __init__(self, reason: str, *, retry_after: float | None = None, **kw):
+        super().__init__(reason, **kw)
+        self.retry_after = retry_after
+
+
+class ProposerAuthError(ProposerUnavailable):
+    """401/403: blocked with a long backoff; no retry storm."""
