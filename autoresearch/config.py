@@ -1,0 +1,298 @@
+"""autoresearch.toml -> Config.
+
+Every key has a default, so a minimal config is just `[run] command = ...`.
+Unknown tables or keys are errors (a typo must not silently fall back to a
+default). Errors are raised as ConfigError with one line naming the key.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import tomllib
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+CONFIG_NAME = "autoresearch.toml"
+DEFAULT_METRIC_REGEX = r"^val_bpb:\s*([0-9.eE+-]+|nan|inf|-inf)"
+DEFAULT_MEMORY_REGEX = r"^peak_vram_mb:\s*([0-9.]+)"
+NEVER_EDITABLE = ("program.md", CONFIG_NAME, ".gitignore")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    command: str = "python train.py"
+    prepare_command: str = ""
+    metric_regex: str = DEFAULT_METRIC_REGEX
+    memory_regex: str = DEFAULT_MEMORY_REGEX
+    direction: str = "minimize"
+    budget_seconds: float = 60.0
+    deadline_seconds: float = 0.0  # 0 -> 2 * budget + 120
+    log_max_bytes: int = 20_000_000
+    editable: tuple[str, ...] = ("train.py",)
+
+    @property
+    def argv(self) -> list[str]:
+        return shlex.split(self.command)
+
+    @property
+    def prepare_argv(self) -> list[str]:
+        return shlex.split(self.prepare_command)
+
+    @property
+    def hard_deadline(self) -> float:
+        return self.deadline_seconds or 2 * self.budget_seconds + 120
+
+
+@dataclass(frozen=True)
+class JudgeConfig:
+    min_delta: float = 0.0
+    simplicity: bool = False
+    noise_runs: int = 0
+
+
+@dataclass(frozen=True)
+class ProposerConfig:
+    kind: str = "offline"
+    seed: int = 0
+    fallback: str = "offline"
+
+
+@dataclass(frozen=True)
+class Prices:
+    """USD per million tokens."""
+
+    input: float = 3.0
+    output: float = 15.0
+    cache_read: float = 0.30
+    cache_write: float = 3.75
+
+
+@dataclass(frozen=True)
+class AnthropicConfig:
+    model: str = "claude-sonnet-4-5"
+    max_tokens: int = 8192
+    timeout_seconds: float = 120.0
+    max_turns: int = 30
+    deadline_seconds: float = 900.0
+    max_nudges: int = 2
+    block_after_failures: int = 3
+    prices: Prices = field(default_factory=Prices)
+
+
+@dataclass(frozen=True)
+class CommandConfig:
+    argv: tuple[str, ...] = ()
+    deadline_seconds: float = 1800.0
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    max_experiments: int = 0
+    max_hours: float = 0.0
+    max_cost_usd: float = 0.0
+    max_interrupts: int = 3
+
+
+@dataclass(frozen=True)
+class SandboxConfig:
+    mode: str = "auto"
+    memory_mb: int = 0
+    max_processes: int = 4096
+    max_file_mb: int = 4096
+
+
+@dataclass(frozen=True)
+class WorkloadConfig:
+    """Read by the built-in trainer; the daemon only checks that the profile never changes."""
+
+    profile: str = ""
+    data: str = ""
+    data_url: str = ""
+
+
+@dataclass(frozen=True)
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+    proposer: ProposerConfig = field(default_factory=ProposerConfig)
+    anthropic: AnthropicConfig = field(default_factory=AnthropicConfig)
+    command: CommandConfig = field(default_factory=CommandConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    sandbox: SandboxConfig = field(default_factory=SandboxConfig)
+    workload: WorkloadConfig = field(default_factory=WorkloadConfig)
+
+
+def _build(cls, table: Any, where: str):
+    """Build dataclass `cls` from a TOML table, checking names and types."""
+    if not isinstance(table, dict):
+        raise ConfigError(f"{CONFIG_NAME}: [{where}] must be a table, got {table!r}")
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(table) - set(known))
+    if unknown:
+        what = f"key {where}.{unknown[0]}" if where else f"table [{unknown[0]}]"
+        raise ConfigError(f"{CONFIG_NAME}: unknown {what}")
+    values = {}
+    for name, value in table.items():
+        key = f"{where}.{name}" if where else name
+        default = getattr(cls(), name)
+        if is_dataclass(default):
+            values[name] = _build(type(default), value, key)
+            continue
+        if isinstance(default, bool):
+            if not isinstance(value, bool):
+                raise ConfigError(f"{CONFIG_NAME}: {key} must be true or false, got {value!r}")
+        elif isinstance(default, int):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ConfigError(f"{CONFIG_NAME}: {key} must be an integer, got {value!r}")
+        elif isinstance(default, float):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ConfigError(f"{CONFIG_NAME}: {key} must be a number, got {value!r}")
+            value = float(value)
+        elif isinstance(default, str):
+            if not isinstance(value, str):
+                raise ConfigError(f"{CONFIG_NAME}: {key} must be a string, got {value!r}")
+        elif isinstance(default, tuple):
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise ConfigError(f"{CONFIG_NAME}: {key} must be a list of strings")
+            value = tuple(value)
+        else:  # pragma: no cover - a new field type without a rule
+            raise AssertionError(f"no rule for {key}")
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
+            raise ConfigError(f"{CONFIG_NAME}: {key} must not be negative")
+        values[name] = value
+    return cls(**values)
+
+
+def _validate(cfg: Config) -> None:
+    run = cfg.run
+    try:
+        argv = run.argv
+    except ValueError as exc:
+        raise ConfigError(f"{CONFIG_NAME}: run.command cannot be parsed: {exc}") from None
+    if not argv:
+        raise ConfigError(f"{CONFIG_NAME}: run.command is empty")
+    if run.direction not in ("minimize", "maximize"):
+        raise ConfigError(f"{CONFIG_NAME}: run.direction must be 'minimize' or 'maximize'")
+    if not run.metric_regex:
+        raise ConfigError(f"{CONFIG_NAME}: run.metric_regex is empty")
+    for key in ("metric_regex", "memory_regex"):
+        pattern = getattr(run, key)
+        if not pattern:
+            continue
+        try:
+            compiled = re.compile(pattern, re.MULTILINE)
+        except re.error as exc:
+            raise ConfigError(f"{CONFIG_NAME}: run.{key} is not a valid regex: {exc}") from None
+        if compiled.groups < 1:
+            raise ConfigError(f"{CONFIG_NAME}: run.{key} needs one capture group for the number")
+    if not run.editable:
+        raise ConfigError(f"{CONFIG_NAME}: run.editable lists no file")
+    for path in run.editable:
+        norm = os.path.normpath(path)
+        if os.path.isabs(path) or norm.startswith("..") or norm != path:
+            raise ConfigError(f"{CONFIG_NAME}: run.editable path {path!r} must be relative and normal")
+        if norm in NEVER_EDITABLE or norm.split(os.sep)[0] in (".autoresearch", ".git"):
+            raise ConfigError(f"{CONFIG_NAME}: {path!r} can never be editable by the agent")
+    if run.budget_seconds <= 0:
+        raise ConfigError(f"{CONFIG_NAME}: run.budget_seconds must be positive")
+    if cfg.proposer.kind not in ("offline", "anthropic", "command"):
+        raise ConfigError(f"{CONFIG_NAME}: proposer.kind must be offline, anthropic or command")
+    if cfg.proposer.fallback not in ("offline", "reject"):
+        raise ConfigError(f"{CONFIG_NAME}: proposer.fallback must be 'offline' or 'reject'")
+    if cfg.proposer.kind == "command" and not cfg.command.argv:
+        raise ConfigError(f"{CONFIG_NAME}: proposer.kind = 'command' needs command.argv")
+    if cfg.sandbox.mode not in ("auto", "off"):
+        raise ConfigError(f"{CONFIG_NAME}: sandbox.mode must be 'auto' or 'off'")
+    if cfg.workload.profile not in ("", "cpu", "gpu"):
+        raise ConfigError(f"{CONFIG_NAME}: workload.profile must be 'cpu' or 'gpu'")
+
+
+def parse(text: str) -> Config:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{CONFIG_NAME}: not valid TOML: {exc}") from None
+    cfg = _build(Config, data, "")
+    _validate(cfg)
+    return cfg
+
+
+def load(workspace: Path) -> Config:
+    path = Path(workspace) / CONFIG_NAME
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: not found (is this an autoresearch workspace? try `autoresearch init`)") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read: {exc}") from None
+    return parse(text)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        # TOML literal strings keep regex backslashes readable; fall back to basic strings.
+        if "'" not in value and "\n" not in value:
+            return f"'{value}'"
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return repr(value)
+
+
+def render(cfg: Config, comments: dict[str, str] | None = None) -> str:
+    """A complete, commented autoresearch.toml for `cfg` (used by `init`)."""
+    comments = comments or {}
+    out: list[str] = []
+
+    def table(name: str, obj) -> None:
+        out.append(f"[{name}]")
+        for f in fields(obj):
+            value = getattr(obj, f.name)
+            if is_dataclass(value):
+                continue
+            key = f"{name}.{f.name}"
+            line = f"{f.name} = {_toml_value(value)}"
+            if key in comments:
+                line += f"  # {comments[key]}"
+            out.append(line)
+        out.append("")
+        for f in fields(obj):
+            sub = getattr(obj, f.name)
+            if is_dataclass(sub):
+                table(f"{name}.{f.name}", sub)
+
+    for f in fields(cfg):
+        table(f.name, getattr(cfg, f.name))
+    text = "\n".join(out)
+    parse(text)  # what we write must load back
+    return text
+
+
+COMMENTS = {
+    "run.command": "the training run, started in the workspace",
+    "run.prepare_command": "run once per daemon start; failure -> blocked, not a crashed experiment",
+    "run.metric_regex": "last match in the run's own log",
+    "run.direction": "minimize | maximize",
+    "run.budget_seconds": "the workload's own time budget",
+    "run.deadline_seconds": "hard kill of the run's process group; 0 = 2 x budget + 120",
+    "run.editable": "the only files the agent may change",
+    "judge.min_delta": "an improvement must exceed this",
+    "judge.simplicity": "equal within min_delta and fewer lines -> keep",
+    "judge.noise_runs": "re-run the baseline k times; keep threshold = max(min_delta, 2 sigma)",
+    "proposer.kind": "offline | anthropic | command",
+    "proposer.fallback": "when the agent gives no edit: offline | reject",
+    "limits.max_experiments": "0 = unlimited",
+    "limits.max_hours": "0 = unlimited",
+    "limits.max_cost_usd": "0 = unlimited",
+    "limits.max_interrupts": "an experiment interrupted more often than this is crashed",
+    "sandbox.mode": "auto (private network, resource limits) | off",
+    "sandbox.memory_mb": "0 = 90% of RAM",
+    "workload.profile": "cpu | gpu; fixed for the life of the workspace",
+}

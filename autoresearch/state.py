@@ -1,0 +1,185 @@
+"""State as a pure fold over the event log.
+
+`fold(events)` reads nothing but its argument and writes nothing but its
+result: no clock, no disk, no git. After a crash the daemon rebuilds its
+whole picture of the world from `fold(log.events())` and then reconciles git
+and processes against it.
+
+The live daemon advances its state one event at a time with `apply(state,
+event)`, the same step the fold uses, so live state and replayed state can
+never drift apart (tests check this over random event sequences).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+TERMINAL = ("kept", "discarded", "crashed", "rejected")
+
+
+@dataclass
+class Experiment:
+    n: int
+    state: str = "new"
+    kind: str = "experiment"  # "experiment" | "baseline"
+    proposer: str = ""
+    description: str = ""
+    files: dict[str, str] | None = None  # the recorded proposal (editable files' content)
+    commit: str | None = None
+    parent: str | None = None
+    hashes: dict[str, str] = field(default_factory=dict)  # editable path -> sha256 at commit
+    added: int = 0
+    removed: int = 0
+    metric: float | None = None
+    metrics: list[float] = field(default_factory=list)  # one per finished run (noise runs)
+    memory_gb: float | None = None
+    runs: int = 0  # launches (reruns and retries included)
+    interrupts: int = 0
+    reason: str = ""  # why it ended as it did
+    log_tail: str = ""
+    sandbox: str = ""
+    usage: dict[str, int] = field(default_factory=dict)
+    cost_usd: float = 0.0
+    started: str = ""
+    ended: str = ""
+
+    @property
+    def terminal(self) -> bool:
+        return self.state in TERMINAL
+
+
+@dataclass
+class State:
+    seq: int = 0
+    hash: str = ""
+    daemon: str = "stopped"
+    reason: str = ""  # why the daemon is blocked / exhausted / stopped
+    retry_at: str = ""  # when a blocked daemon retries (UTC ISO)
+    experiments: dict[int, Experiment] = field(default_factory=dict)
+    best_commit: str | None = None
+    best_metric: float | None = None
+    best_n: int | None = None
+    baseline_n: int | None = None
+    noise_sigma: float | None = None
+    threshold: float = 0.0  # the keep threshold in effect (max(min_delta, 2 sigma))
+    program_hash: str = ""
+    profile: str = ""
+    boots: int = 0
+    first_time: str = ""
+    last_time: str = ""
+    cost_usd: float = 0.0
+    usage: dict[str, int] = field(default_factory=dict)
+    last_failure_n: int | None = None
+
+    # -- derived views (no state of their own) --
+
+    def counts(self) -> dict[str, int]:
+        out = {s: 0 for s in TERMINAL}
+        for exp in self.experiments.values():
+            if exp.kind == "experiment" and exp.state in out:
+                out[exp.state] += 1
+        return out
+
+    def current(self) -> Experiment | None:
+        """The experiment in flight (at most one with one run slot)."""
+        live = [e for e in self.experiments.values() if not e.terminal]
+        return max(live, key=lambda e: e.n) if live else None
+
+    def next_n(self) -> int:
+        return max(self.experiments, default=-1) + 1
+
+    @property
+    def baseline_done(self) -> bool:
+        return self.baseline_n is not None
+
+
+def _add_usage(total: dict[str, int], usage: dict[str, Any]) -> None:
+    for key, value in usage.items():
+        if isinstance(value, (int, float)):
+            total[key] = total.get(key, 0) + int(value)
+
+
+def apply(state: State, event) -> State:
+    """Advance `state` by one event, in place, and return it. No I/O."""
+    p = event.payload
+    state.seq, state.hash, state.last_time = event.seq, event.hash, event.time
+    state.first_time = state.first_time or event.time
+    _add_usage(state.usage, p.get("usage", {}))
+    state.cost_usd += float(p.get("cost_usd", 0.0))
+
+    if event.aggregate == "daemon":
+        state.daemon = event.dest
+        t, kind = event.trigger, p.get("kind")
+        if t == "boot":
+            state.boots += 1
+            state.profile = p.get("profile") or state.profile
+            state.program_hash = p.get("program_hash") or state.program_hash
+        elif t in ("block", "exhaust", "stop"):
+            state.reason = p.get("reason", "")
+            state.retry_at = p.get("retry_at", "")
+        elif t == "baseline_done":
+            state.baseline_n = p["n"]
+            state.best_commit, state.best_metric, state.best_n = p["commit"], p["metric"], p["n"]
+            state.noise_sigma = p.get("sigma")
+            state.threshold = p.get("threshold", 0.0)
+        elif t == "note" and kind == "program_changed":
+            state.program_hash = p["new_hash"]
+        elif t == "note" and kind == "adopted_user_commit":
+            state.best_commit = p["commit"]
+        if event.dest not in ("blocked", "exhausted", "stopped"):
+            state.reason, state.retry_at = "", ""
+        return state
+
+    n = event.experiment
+    exp = state.experiments.get(n)
+    if exp is None:
+        exp = state.experiments[n] = Experiment(n=n, started=event.time)
+    exp.state = event.dest
+    _add_usage(exp.usage, p.get("usage", {}))
+    exp.cost_usd += float(p.get("cost_usd", 0.0))
+    t = event.trigger
+    if t == "start":
+        exp.kind = p.get("kind", "experiment")
+        exp.proposer = p.get("proposer", "")
+    elif t == "proposed":
+        exp.description = p.get("description", "")
+        exp.files = p.get("files")
+        exp.proposer = p.get("proposer", exp.proposer)
+    elif t in ("commit", "adopt"):
+        exp.commit, exp.parent = p["commit"], p.get("parent")
+        exp.hashes = p.get("hashes", {})
+        exp.added, exp.removed = p.get("added", 0), p.get("removed", 0)
+        if t == "adopt":
+            exp.kind = "baseline"
+            exp.description = p.get("description", "baseline")
+            exp.files = p.get("files", exp.files)
+    elif t in ("launch", "rerun"):
+        exp.runs += 1
+        exp.sandbox = p.get("sandbox", exp.sandbox)
+    elif t == "finish":
+        exp.log_tail = p.get("log_tail", "")
+        if p.get("metric") is not None:
+            exp.metrics.append(p["metric"])
+        exp.memory_gb = p.get("memory_gb", exp.memory_gb)
+    elif t == "interrupt":
+        exp.interrupts += 1
+        exp.reason = p.get("reason", "")
+    if exp.terminal:
+        exp.ended = event.time
+        exp.reason = p.get("reason", exp.reason)
+        exp.metric = p.get("metric", exp.metric)
+        if event.dest == "kept" and exp.kind == "experiment":
+            state.best_commit, state.best_metric, state.best_n = exp.commit, exp.metric, n
+        if event.dest == "crashed":
+            state.last_failure_n = n
+    return state
+
+
+def fold(events: Iterable, state: State | None = None) -> State:
+    """The state after `events`, starting from `state` (not modified) or from nothing."""
+    result = copy.deepcopy(state) if state is not None else State()
+    for event in events:
+        apply(result, event)
+    return result
