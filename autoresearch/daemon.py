@@ -1,0 +1,927 @@
+"""The daemon: process lifecycle (lock, signals, sd_notify) and the research loop.
+
+One thread does all the work (the "main loop"): it records transitions, runs
+git, starts runs and judges them. Anything slow (a training run, an agent's
+API call) happens in a child process or a worker thread that the main loop
+*waits for* in short ticks, so between ticks it keeps serving signals, the
+inbox, program.md changes and the systemd watchdog. If the main loop itself
+hangs, the watchdog stops being pinged and systemd restarts us: that is the
+point of pinging from here and from nowhere else.
+
+Every transition is recorded in the event log before the side effect that
+follows it (machine.py). After a crash, `_open` folds the log and `_boot`
+reconciles git, refs and leftover processes with the folded state.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fcntl
+import hashlib
+import json
+import logging
+import math
+import os
+import signal
+import statistics
+import threading
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+import structlog
+
+from . import __version__, config as config_mod, faults
+from .errors import ConfigError, CorruptLogError, LockedError, WorkspaceError
+from .eventlog import EventLog, verify_path
+from .machine import Machines
+from .notify import Notifier, WatchdogTimer
+from .proposers.base import (HistoryRow, NoEdit, Proposal, ProposalContext, ProposerAuthError,
+                             ProposerUnavailable)
+from .report import status_line
+from .runner import Run, RunResult, SandboxSpec
+from .state import State, apply
+from .workspace import Workspace
+
+log = structlog.get_logger("autoresearch.daemon")
+logging.getLogger("transitions").setLevel(logging.WARNING)  # our own events say it all
+
+HUMAN_FILES = ("program.md", config_mod.CONFIG_NAME)  # the human's channel: never the agent's, never reset
+EVENTS_NAME = "events.sqlite"
+LOCK_NAME = "daemon.lock"
+INBOX_NAME = "inbox"
+TICK_S = 0.25  # longest sleep of the main loop between services
+BACKOFF_S = (5, 15, 30, 60, 120, 300, 600)  # blocked: wait before retrying
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _utc(ts: float | None = None) -> str:
+    dt = datetime.now(timezone.utc) if ts is None else datetime.fromtimestamp(ts, timezone.utc)
+    return dt.isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _parse_utc(text: str) -> float:
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+
+def kill_tagged(tag: str) -> list[int]:
+    """SIGKILL every process group whose members carry our run tag in their environment.
+
+    Runs are started with AUTORESEARCH_RUN_TAG=<tag> and children inherit it, so
+    after a crash this finds a run (and whatever it forked) even when the daemon
+    died before it could learn the run's process group.
+    """
+    needle = f"AUTORESEARCH_RUN_TAG={tag}\0".encode()
+    own = os.getpgrp()
+    groups = set()
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else ():
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                if needle in f.read() + b"\0":
+                    groups.add(os.getpgid(int(entry)))
+        except (OSError, ProcessLookupError):
+            continue
+    killed = []
+    for pgid in groups - {own}:
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+            killed.append(pgid)
+        except (ProcessLookupError, PermissionError):
+            pass
+    return killed
+
+
+class WorkspaceLock:
+    """An flock on .autoresearch/daemon.lock holding our PID: one daemon per workspace."""
+
+    def __init__(self, state_dir: Path):
+        self.path = state_dir / LOCK_NAME
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise LockedError(f"{self.path.parent.parent}: another daemon (pid {holder}) is running "
+                              "on this workspace") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing drops the flock; the file stays (harmless)
+            self._fd = None
+
+
+def lock_holder(state_dir: Path) -> int | None:
+    """PID of the daemon holding the workspace lock, or None when none runs."""
+    try:
+        fd = os.open(Path(state_dir) / LOCK_NAME, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    except BlockingIOError:
+        text = os.pread(fd, 64, 0).decode(errors="replace").strip()
+        return int(text) if text.isdigit() else -1
+    finally:
+        os.close(fd)
+
+
+def submit_request(state_dir: Path, action: str) -> str:
+    """Write a request into the inbox atomically (tmp + rename); returns its id."""
+    inbox = Path(state_dir) / INBOX_NAME
+    inbox.mkdir(parents=True, exist_ok=True)
+    rid = f"{int(time.time() * 1000)}-{os.getpid()}-{os.urandom(3).hex()}"
+    tmp = inbox / f".{rid}.tmp"
+    tmp.write_text(json.dumps({"id": rid, "action": action, "time": _utc()}))
+    os.replace(tmp, inbox / f"{rid}.json")
+    return rid
+
+
+def make_proposer(cfg: config_mod.Config, kind: str | None = None):
+    kind = kind or cfg.proposer.kind
+    if kind == "offline":
+        from .proposers.offline import OfflineProposer
+        return OfflineProposer(seed=cfg.proposer.seed)
+    if kind == "anthropic":
+        from .proposers.anthropic import AnthropicProposer
+        return AnthropicProposer(cfg.anthropic)
+    from .proposers.command import CommandProposer
+    return CommandProposer(cfg.command)
+
+
+def _harness_dir(cfg: config_mod.Config) -> Path | None:
+    if not cfg.workload.profile:
+        return None  # not the built-in workload
+    from .trainer import harness_dir
+    return harness_dir()
+
+
+def _finite_or_none(value: float | None) -> float | None:
+    return value if value is not None and math.isfinite(value) else None
+
+
+def _failure(result: RunResult) -> str:
+    """Why a finished run counts as crashed, or '' when it produced a usable metric."""
+    if result.timed_out or result.killed == "deadline":
+        return f"hard deadline: killed after {result.duration_s:.0f}s"
+    if result.killed:
+        return f"killed ({result.killed})"
+    if result.signal:
+        return f"killed by signal {result.signal}"
+    if result.exit_code != 0:
+        return f"exit code {result.exit_code}"
+    if result.metric is None:
+        return "no metric in the output"
+    if not math.isfinite(result.metric):
+        return f"metric is {result.metric}"
+    return ""
+
+
+class Stop(Exception):
+    """Unwinds the current step when a stop was requested."""
+
+
+class Daemon:
+    def __init__(self, root: Path | str, *, max_experiments: int | None = None,
+                 run_for: float | None = None, proposer_factory: Callable | None = None):
+        self.root = Path(root).absolute()
+        self.session_max_experiments = max_experiments
+        self.session_deadline = time.monotonic() + run_for if run_for else None
+        self._make_proposer = proposer_factory or make_proposer
+        self.notifier = Notifier(unset_environment=True)  # runs must not talk to systemd as us
+        self.watchdog = WatchdogTimer(self.notifier)
+        self._wake = threading.Event()
+        self._flags: set[str] = set()  # "stop", "reload", "program", "inbox": set by handlers
+        self._stop_reason = ""
+        self._stop_request: str | None = None
+        self._skip_request: str | None = None
+        self._run: Run | None = None
+        self._run_started = 0.0
+        self._result: RunResult | None = None
+        self._failures = 0  # consecutive blocks, for the backoff
+        self._session_experiments = 0
+        self._observer = None
+        self._old_handlers: dict = {}
+        self.log: EventLog | None = None
+
+    # ------------------------------------------------------------------ opening
+
+    def _open(self) -> None:
+        """Everything that may refuse to start, before anything is touched."""
+        if not self.root.is_dir():
+            raise WorkspaceError(f"{self.root}: no such directory")
+        self.cfg = config_mod.load(self.root)
+        self.ws = Workspace.open(self.root, self.cfg.run.editable)
+        self.state_dir = self.ws.state_dir
+        self.lock = WorkspaceLock(self.state_dir)
+        self.lock.acquire()
+        try:
+            path = self.state_dir / EVENTS_NAME
+            self.state = State()
+            if path.exists():
+                report = verify_path(path)
+                if not report.ok:
+                    raise CorruptLogError(f"{path}: corrupt at {report}; see `autoresearch verify` and "
+                                          "`autoresearch repair`")
+                self.log = EventLog.open(path)
+                self.state = self.log.state()
+            self._check_profile()
+            self._check_workspace()
+            if self.log is None:  # created only once every check passed: a refusal leaves nothing
+                self.log = EventLog.open(path)
+        except BaseException:
+            if self.log is not None:
+                self.log.close()
+            self.lock.release()
+            raise
+
+    def _check_profile(self) -> None:
+        old, new = self.state.profile, self.cfg.workload.profile
+        if old and new and old != new:
+            raise ConfigError(f"workload.profile changed from {old!r} to {new!r}: results would not be "
+                              "comparable; start a new workspace instead")
+
+    def _check_workspace(self) -> None:
+        cur = self.state.current()
+        ours = set(HUMAN_FILES) | (set(self.cfg.run.editable) if cur is not None else set())
+        foreign = [p for p in self.ws.changes().paths if p not in ours]
+        if cur is not None and cur.state == "proposing" and cur.proposer == "command":
+            foreign = []  # an agent CLI was editing when we died: its edits are judged/rolled back
+        if foreign:
+            raise WorkspaceError(f"{self.root}: uncommitted changes the daemon did not make: "
+                                 f"{', '.join(foreign[:5])}{' ...' if len(foreign) > 5 else ''}; "
+                                 "commit or stash them first")
+        best = self.state.best_commit or self.ws.best() or self.ws.head()
+        head = self.ws.head()
+        known = {e.commit for e in self.state.experiments.values() if e.commit}
+        if cur is not None:  # committed by us just before a crash, not yet in the log
+            known.add(self.ws.exp_ref(cur.n))
+        self._adopt_head = None
+        if head != best and head not in known:
+            # The user's own commits on top of best are fine unless they touch editable files:
+            # then the recorded metric of `best` would no longer describe the code.
+            try:
+                descends = self.ws.repo.is_ancestor(best, head)
+            except Exception:
+                descends = False
+            touched = self.ws.changes(base=best).paths
+            if not descends or any(p in self.cfg.run.editable for p in touched):
+                raise WorkspaceError(
+                    f"{self.root}: HEAD {head[:7]} is not the best commit {best[:7]} and changes "
+                    f"{', '.join(self.cfg.run.editable)}; check out {best[:7]} or start a new workspace")
+            self._adopt_head = head
+
+    # ------------------------------------------------------------------ recording
+
+    def _record(self, aggregate: str, trigger: str, source: str, dest: str, payload: dict) -> None:
+        faults.point(f"pre:{trigger}")
+        event = self.log.append(aggregate, trigger, source, dest, payload)
+        apply(self.state, event)
+        structlog.contextvars.bind_contextvars(experiment=event.experiment, state=dest, trigger=trigger)
+        small = {k: v for k, v in payload.items()
+                 if k in ("commit", "metric", "reason", "description", "kind", "request", "retry_at",
+                          "exit_code", "cost_usd", "outcome", "error") and v not in (None, "")}
+        log.info(f"{aggregate} {trigger}: {source} -> {dest}", seq=event.seq, **small)
+        self.notifier.status(self._status())
+        faults.point(f"post:{trigger}")
+
+    def _status(self) -> str:
+        elapsed = time.monotonic() - self._run_started if self._run is not None else None
+        return status_line(self.state, elapsed, self.cfg.run.budget_seconds)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def run(self) -> int:
+        self._open()
+        self.machines = Machines(self._record, self.state.daemon)
+        try:
+            self._install_signals()
+            self._start_observer()
+            self._boot()
+            self.notifier.ready(self._status())
+            self._loop()
+            return 0
+        finally:
+            self._shutdown()
+
+    def _install_signals(self) -> None:
+        def on_stop(signum, frame):
+            self._flags.add("stop")
+            self._stop_reason = self._stop_reason or f"signal {signal.Signals(signum).name}"
+            self._wake.set()
+
+        def on_hup(signum, frame):
+            self._flags.add("reload")
+            self._wake.set()
+
+        for sig, handler in ((signal.SIGTERM, on_stop), (signal.SIGINT, on_stop), (signal.SIGHUP, on_hup)):
+            self._old_handlers[sig] = signal.signal(sig, handler)
+
+    def _start_observer(self) -> None:
+        """File events wake the main loop: inbox requests and program.md edits (no busy poll)."""
+        from watchdog.events import FileSystemEventHandler
+        from watchdog.observers import Observer
+
+        daemon, root = self, str(self.root)
+        inbox = self.state_dir / INBOX_NAME
+        inbox.mkdir(exist_ok=True)
+
+        class Handler(FileSystemEventHandler):
+            def on_any_event(self, event):
+                for path in (event.src_path, getattr(event, "dest_path", "") or ""):
+                    path = os.fsdecode(path)
+                    folder, name = os.path.split(path)
+                    if folder == root and name == "program.md":
+                        daemon._flags.add("program")
+                        daemon._wake.set()
+                    elif folder == str(inbox) and name.endswith(".json"):
+                        daemon._flags.add("inbox")
+                        daemon._wake.set()
+
+        self._observer = Observer()
+        self._observer.schedule(Handler(), root, recursive=False)
+        self._observer.schedule(Handler(), str(inbox), recursive=False)
+        self._observer.daemon = True
+        self._observer.start()
+        self._flags.add("inbox")  # requests written while we were down
+
+    def _shutdown(self) -> None:
+        try:
+            if self._run is not None:
+                self._run.kill("stop")
+        finally:
+            if self._observer is not None:
+                self._observer.stop()
+            for sig, handler in self._old_handlers.items():
+                signal.signal(sig, handler)
+            self.notifier.stopping(self._status())
+            self.log.close()
+            self.lock.release()
+
+    def _boot(self) -> None:
+        st = self.state
+        program_path = self.root / "program.md"
+        program = program_path.read_bytes() if program_path.exists() else b""
+        self._program_text = program.decode("utf-8", errors="replace")
+        self.machines.daemon.fire(
+            "boot", pid=os.getpid(), version=__version__, profile=self.cfg.workload.profile or st.profile,
+            program_hash=st.program_hash or _sha256(program),
+            config_hash=_sha256((self.root / config_mod.CONFIG_NAME).read_bytes()))
+        # Reconcile the world with the folded state.
+        self.ws.clear_stale_locks()
+        kill_tagged(self._run_tag())
+        if self._adopt_head:
+            # The user committed on top of best without touching editable files: the metric still
+            # holds, so their commit becomes the best (recorded, like everything).
+            self.machines.daemon.fire("note", kind="adopted_user_commit", commit=self._adopt_head,
+                                      previous=st.best_commit)
+        best = st.best_commit or self._adopt_head or self.ws.best() or self.ws.head()
+        if self.ws.best() != best:
+            self.ws.set_best(best)
+        for exp in st.experiments.values():
+            if exp.commit and exp.kind == "experiment" and self.ws.exp_ref(exp.n) != exp.commit:
+                self.ws.set_exp_ref(exp.n, exp.commit)
+        cur = st.current()
+        if cur is not None and cur.state != "interrupted":
+            self.machines.experiment(cur.n, cur.state).fire(
+                "interrupt", reason="daemon restarted while the experiment was in flight")
+        if cur is None and (self.ws.head() != best or self.ws.changes().paths):
+            self._reset(best)
+        new_hash = _sha256(program)
+        if st.program_hash and new_hash != st.program_hash:
+            self.machines.daemon.fire("note", kind="program_changed", old_hash=st.program_hash,
+                                      new_hash=new_hash, added=0, removed=0, while_stopped=True)
+
+    def _run_tag(self) -> str:
+        return _sha256(str(self.root).encode())[:16]
+
+    # ------------------------------------------------------------------ the loop
+
+    def _loop(self) -> None:
+        d = self.machines.daemon
+        try:
+            while True:
+                self._service()
+                state = d.state
+                if state == "starting":
+                    d.fire("prepare")
+                elif state == "preparing":
+                    self._prepare()
+                elif state == "baseline":
+                    self._baseline_step()
+                elif state == "running":
+                    if self.state.current() is None and self._limits_reached():
+                        return
+                    self._experiment_step()
+                elif state == "paused":
+                    cur = self.state.current()
+                    if cur is not None and (cur.state in ("committed", "training", "judging")
+                                            or self._skip_request is not None):
+                        self._experiment_step()  # pause lets the current run finish
+                    else:
+                        self._wait(lambda: d.state != "paused" or self._skip_request is not None)
+                elif state == "blocked":
+                    retry_at = _parse_utc(self.state.retry_at) if self.state.retry_at else time.time()
+                    if self._wait(lambda: d.state != "blocked" or time.time() >= retry_at) == "done" \
+                            and d.state == "blocked":
+                        d.fire("unblock")
+                elif state == "exhausted":
+                    log.info("caps reached; exiting", reason=self.state.reason)
+                    return
+                else:  # stopped
+                    return
+        except Stop:
+            self._stop_now()
+
+    def _stop_now(self) -> None:
+        if self._run is not None:
+            self._run.kill("stop")
+            self._wait_run_gone()
+        cur = self.state.current()
+        if cur is not None and cur.state != "interrupted":
+            self.machines.experiment(cur.n, cur.state).fire(
+                "interrupt", reason=f"daemon stopping ({self._stop_reason or 'stop requested'})")
+        payload = {"reason": self._stop_reason or "stop requested"}
+        if self._stop_request:
+            payload["request"] = self._stop_request
+        self.machines.daemon.fire("stop", **payload)
+
+    def _wait_run_gone(self) -> None:
+        end = time.monotonic() + 10
+        while self._run is not None and self._run.poll() is None and time.monotonic() < end:
+            self.watchdog.tick()
+            time.sleep(0.05)
+        self._run = None
+
+    def _limits_reached(self) -> bool:
+        """Config caps -> exhausted; this invocation's limits (--max-experiments, --for) -> stopped."""
+        lim, st, d = self.cfg.limits, self.state, self.machines.daemon
+        done = sum(1 for e in st.experiments.values() if e.kind == "experiment" and e.terminal)
+        reason = ""
+        if lim.max_experiments and done >= lim.max_experiments:
+            reason = f"max_experiments {lim.max_experiments} reached"
+        elif lim.max_cost_usd and st.cost_usd >= lim.max_cost_usd:
+            reason = f"max_cost_usd {lim.max_cost_usd:g} reached (spent ${st.cost_usd:.2f})"
+        elif lim.max_hours and st.first_time and time.time() - _parse_utc(st.first_time) >= lim.max_hours * 3600:
+            reason = f"max_hours {lim.max_hours:g} reached"
+        if reason:
+            d.fire("exhaust", reason=reason)
+            return True
+        if self.session_max_experiments is not None and self._session_experiments >= self.session_max_experiments:
+            self._stop_reason = f"--max-experiments {self.session_max_experiments} done"
+        elif self.session_deadline is not None and time.monotonic() >= self.session_deadline:
+            self._stop_reason = "--for duration elapsed"
+        else:
+            return False
+        d.fire("stop", reason=self._stop_reason)
+        return True
+
+    # ------------------------------------------------------------------ servicing
+
+    def _service(self) -> None:
+        """Signals, inbox, program.md, config reload, watchdog. Called every tick."""
+        self.watchdog.tick()
+        flags, self._flags = self._flags, set()
+        if "reload" in flags:
+            self._reload_config()
+        if "program" in flags:
+            self._program_changed()
+        if "inbox" in flags:
+            self._read_inbox()
+        if "stop" in flags or self._stop_request:
+            self._flags.add("stop")  # sticky until we are out
+            raise Stop()
+
+    def _wait(self, done: Callable[[], bool], timeout: float | None = None) -> str:
+        """Wait for `done()` while serving; "done" | "timeout" | "skip". Raises Stop."""
+        end = None if timeout is None else time.monotonic() + timeout
+        delay = 0.002
+        while True:
+            self._service()
+            if done():
+                return "done"
+            if self._skip_request is not None:
+                return "skip"
+            if end is not None and time.monotonic() >= end:
+                return "timeout"
+            due = self.watchdog.seconds_until_due()
+            # Poll fast at first (an instant run should not cost a whole tick), then relax.
+            sleep = min(delay, TICK_S, due if due is not None else TICK_S)
+            delay = min(delay * 2, TICK_S)
+            if self._wake.wait(sleep):
+                self._wake.clear()
+
+    def _read_inbox(self) -> None:
+        for path in sorted((self.state_dir / INBOX_NAME).glob("*.json")):
+            try:
+                data = json.loads(path.read_text())
+                rid, action = str(data["id"]), str(data["action"])
+            except (OSError, ValueError, KeyError, TypeError):
+                path.unlink(missing_ok=True)  # not a request of ours (they are written tmp + rename)
+                continue
+            self._handle_request(rid, action)
+            path.unlink(missing_ok=True)
+
+    def _handle_request(self, rid: str, action: str) -> None:
+        d = self.machines.daemon
+        ignored = ""
+        if action == "pause":
+            if d.state in ("preparing", "baseline", "running", "blocked"):
+                d.fire("pause", request=rid)
+            else:
+                ignored = f"daemon is {d.state}, not pausable"
+        elif action == "resume":
+            if d.state == "paused":
+                d.fire("resume", request=rid)
+            else:
+                ignored = f"daemon is {d.state}, not paused"
+        elif action == "stop":
+            self._stop_request, self._stop_reason = rid, "stop requested"
+        elif action == "skip":
+            cur = self.state.current()
+            if cur is not None and cur.kind == "experiment" and cur.state != "interrupted":
+                self._skip_request = rid
+                if self._run is not None:
+                    self._run.kill("skip")
+            else:
+                ignored = "no experiment in flight"
+        else:
+            ignored = f"unknown request {action!r}"
+        if ignored:
+            d.fire("note", kind="request", request=rid, action=action, outcome="ignored: " + ignored)
+
+    def _reload_config(self) -> None:
+        try:
+            cfg = config_mod.load(self.root)
+            if cfg.workload.profile != self.cfg.workload.profile:
+                raise ConfigError("workload.profile cannot change while the workspace has results")
+        except ConfigError as exc:
+            log.error("config reload rejected; keeping the old config", error=str(exc))
+            self.machines.daemon.fire("note", kind="config_rejected", error=str(exc))
+            return
+        self.cfg = cfg
+        self.ws.editable = cfg.run.editable
+        self.machines.daemon.fire("note", kind="config_reloaded",
+                                  config_hash=_sha256((self.root / config_mod.CONFIG_NAME).read_bytes()))
+
+    def _program_changed(self) -> None:
+        try:
+            data = (self.root / "program.md").read_bytes()
+        except FileNotFoundError:
+            return
+        new_hash = _sha256(data)
+        if new_hash == self.state.program_hash:
+            return
+        text = data.decode("utf-8", errors="replace")
+        added = removed = 0
+        for line in difflib.unified_diff(self._program_text.splitlines(), text.splitlines(), lineterm="", n=0):
+            if line.startswith("+") and not line.startswith("+++"):
+                added += 1
+            elif line.startswith("-") and not line.startswith("---"):
+                removed += 1
+        self._program_text = text
+        self.machines.daemon.fire("note", kind="program_changed", old_hash=self.state.program_hash,
+                                  new_hash=new_hash, added=added, removed=removed)
+
+    # ------------------------------------------------------------------ preparing
+
+    def _prepare(self) -> None:
+        d = self.machines.daemon
+        argv = self.cfg.run.prepare_argv
+        if argv:
+            self.notifier.extend_timeout(int((self.cfg.run.hard_deadline + 30) * 1e6))
+            run = Run.start(argv, self.root, self.state_dir / "prepare.log", self.cfg.run.hard_deadline,
+                            self.cfg.run.log_max_bytes, SandboxSpec("off", 0, 0, 0),  # it may download
+                            self.cfg.run.metric_regex, None, env=self._run_env())
+            self._run, self._run_started = run, time.monotonic()
+            try:
+                self._wait(lambda: run.poll() is not None)
+            finally:
+                if run.poll() is None:
+                    run.kill("stop")
+                self._run = None
+            result = run.poll()
+            if d.state != "preparing":  # paused meanwhile: prepare again on resume
+                return
+            if result.exit_code != 0:
+                lines = result.log_tail.strip().splitlines()
+                self._block(f"prepare failed: {lines[-1] if lines else 'exit ' + str(result.exit_code)}")
+                return
+        self._failures = 0
+        d.fire("resume_loop" if self.state.baseline_done else "begin_baseline")
+
+    def _block(self, reason: str, retry_after: float | None = None) -> None:
+        delay = BACKOFF_S[min(self._failures, len(BACKOFF_S) - 1)]
+        if retry_after is not None:
+            delay = max(delay, retry_after)
+        self._failures += 1
+        self.machines.daemon.fire("block", reason=reason, retry_at=_utc(time.time() + delay))
+
+    def _run_env(self) -> dict[str, str]:
+        return {**os.environ, "AUTORESEARCH_RUN_TAG": self._run_tag()}
+
+    # ------------------------------------------------------------------ experiments
+
+    def _baseline_step(self) -> None:
+        if self.state.current() is not None:
+            self._experiment_step()
+            return
+        best = self.ws.best() or self.ws.head()
+        if self.ws.head() != best:
+            self._reset(best)
+        files = self.ws.read_files()
+        self.machines.experiment(self.state.next_n()).fire(
+            "adopt", commit=best, parent=None, files=files, description="baseline",
+            hashes={p: self.ws.file_hash(p) for p in files})
+
+    def _experiment_step(self) -> None:
+        """Advance the experiment in flight (or start one) by one transition."""
+        cur = self.state.current()
+        if cur is None:
+            self.machines.experiment(self.state.next_n()).fire(
+                "start", kind="experiment", proposer=self.cfg.proposer.kind)
+            self._session_experiments += 1
+            return
+        model = self.machines.experiment(cur.n, cur.state)
+        if self._skip_request is not None:
+            self._skip(cur, model)
+            return
+        step = {
+            "proposing": self._propose,
+            "committed": self._launch,
+            "training": self._train,
+            "judging": self._judge,
+            "interrupted": self._resume_interrupted,
+        }[cur.state]
+        step(cur, model)
+        if self.state.experiments[cur.n].terminal:
+            self._finished(cur.n)
+
+    def _finished(self, n: int) -> None:
+        self.machines.forget(n)
+        self._result = None
+        exp = self.state.experiments[n]
+        if exp.state == "kept":
+            if self.ws.best() != exp.commit:
+                self.ws.set_best(exp.commit)
+        else:
+            self._reset(self.state.best_commit or self.ws.best())
+        if exp.kind == "baseline":
+            d = self.machines.daemon
+            if exp.state == "kept":
+                sigma = statistics.stdev(exp.metrics) if len(exp.metrics) > 1 else None
+                threshold = max(self.cfg.judge.min_delta, 2 * sigma if sigma else 0.0)
+                d.fire("baseline_done", n=exp.n, commit=exp.commit, metric=exp.metric, sigma=sigma,
+                       threshold=threshold)
+            elif d.state == "baseline":
+                self._block(f"baseline run failed: {exp.reason}")
+
+    def _skip(self, cur, model) -> None:
+        rid, self._skip_request = self._skip_request, None
+        if self._run is not None:
+            self._run.kill("skip")
+            self._wait_run_gone()
+        if cur.state in ("interrupted", "kept", "discarded", "crashed", "rejected"):
+            return
+        model.fire("skip", reason="skipped by user", request=rid)
+        self._finished(cur.n)
+
+    def _resume_interrupted(self, cur, model) -> None:
+        if cur.interrupts > self.cfg.limits.max_interrupts:
+            model.fire("give_up", reason=f"interrupted {cur.interrupts} times")
+        elif cur.commit:
+            model.fire("retry", attempt=cur.runs + 1)
+        else:
+            model.fire("repropose")
+
+    # -- proposing
+
+    def _context(self, n: int) -> ProposalContext:
+        st = self.state
+        rows = [HistoryRow(e.n, "baseline" if e.kind == "baseline" else e.state, e.metric,
+                           e.description or e.reason, e.commit, e.files)
+                for e in sorted(st.experiments.values(), key=lambda e: e.n) if e.terminal]
+        failure = st.experiments.get(st.last_failure_n) if st.last_failure_n is not None else None
+        kind = self.cfg.proposer.kind
+        deadline_s = {"anthropic": self.cfg.anthropic.deadline_seconds,
+                      "command": self.cfg.command.deadline_seconds}.get(kind, 60.0)
+        return ProposalContext(
+            workspace=self.root, n=n, program=self._program_text, editable=self.cfg.run.editable,
+            files=self.ws.read_files(), history=tuple(rows), best_metric=st.best_metric,
+            direction=self.cfg.run.direction, last_failure=failure.log_tail if failure else None,
+            harness_dir=_harness_dir(self.cfg), deadline=time.monotonic() + deadline_s)
+
+    def _propose(self, cur, model) -> None:
+        best = self.state.best_commit
+        if cur.files is not None:  # recorded before a crash: re-apply it, never ask again
+            self._commit(cur, model, best)
+            return
+        if self.ws.head() != best or [p for p in self.ws.changes().paths if p not in HUMAN_FILES]:
+            self._reset(best)
+        human = {p: (self.root / p).read_bytes() for p in HUMAN_FILES if (self.root / p).exists()}
+        ctx = self._context(cur.n)
+        proposer = self._make_proposer(self.cfg)
+        outcome = self._in_thread(lambda: proposer.propose(ctx), ctx)
+        if outcome is None:  # skipped: handled on the next step
+            return
+        proposal, error = outcome
+        if isinstance(error, NoEdit):
+            self._spend(model, error)
+            if self.cfg.proposer.fallback == "reject" or proposer.name == "offline":
+                model.fire("reject", reason=f"no edit: {error.reason}")
+                return
+            self._reset(best)  # whatever the agent left behind
+            proposal = self._make_proposer(self.cfg, "offline").propose(ctx)
+            proposal.meta.update(fallback_from=proposer.name, fallback_reason=error.reason)
+        elif isinstance(error, ProposerUnavailable):
+            self._spend(model, error)
+            auth = isinstance(error, ProposerAuthError)
+            self._block(f"{'API key rejected' if auth else 'proposer unavailable'}: {error.reason}",
+                        retry_after=600 if auth else error.retry_after)
+            return
+        elif error is not None:
+            self._block(f"proposer failed: {type(error).__name__}: {error}")
+            return
+        violations = self._scope_violations(proposal, best, human)
+        if violations:
+            model.fire("reject", reason="out of scope: " + "; ".join(violations[:10]),
+                       description=proposal.description)
+            for p, data in human.items():  # give the human's files back if an agent CLI touched them
+                path = self.root / p
+                if not path.exists() or path.read_bytes() != data:
+                    path.write_bytes(data)
+            return
+        files = proposal.files if proposal.files is not None else self.ws.read_files()
+        model.fire("proposed", description=" ".join(proposal.description.split())[:300], files=files,
+                   proposer=proposal.proposer, usage=proposal.usage, cost_usd=proposal.cost_usd,
+                   meta=proposal.meta)
+        self._commit(self.state.experiments[cur.n], model, best)
+
+    def _scope_violations(self, proposal: Proposal, best: str, human: dict[str, bytes]) -> list[str]:
+        """The scope guard: only the editable files may differ from best, and only by a proposer
+        that edits the worktree itself (in-memory proposals must leave it untouched)."""
+        changes = self.ws.changes(base=best)
+        violations = [v for v in self.ws.scope_violations(changes) if v.split(": ", 1)[-1] not in HUMAN_FILES]
+        if proposal.files is None:
+            for p, data in human.items():
+                path = self.root / p
+                if not path.exists() or path.read_bytes() != data:
+                    violations.append(f"modified: {p}")
+        else:
+            touched = [p for p in changes.paths if p not in HUMAN_FILES]
+            if touched:
+                violations.append("an in-memory proposer changed the worktree: " + ", ".join(touched))
+            violations += [f"not editable: {p}" for p in proposal.files if p not in self.cfg.run.editable]
+        return violations
+
+    def _spend(self, model, error) -> None:
+        if any(error.usage.values()) or error.cost_usd:
+            model.fire("spend", usage=error.usage, cost_usd=error.cost_usd, reason=error.reason)
+
+    def _in_thread(self, fn: Callable[[], Proposal], ctx: ProposalContext):
+        """Run `fn` in a worker thread while the main loop keeps serving.
+
+        Returns (proposal, None) or (None, exception); None when skipped.
+        """
+        box: dict[str, Any] = {}
+
+        def work():
+            try:
+                box["result"] = fn()
+            except BaseException as exc:  # handed over to the main loop
+                box["error"] = exc
+
+        worker = threading.Thread(target=work, name="proposer", daemon=True)
+        worker.start()
+        try:
+            outcome = self._wait(lambda: not worker.is_alive(),
+                                 timeout=max(1.0, ctx.deadline - time.monotonic() + 30))
+        except Stop:
+            ctx.cancel.set()
+            raise
+        if outcome == "skip":
+            ctx.cancel.set()
+            return None
+        if outcome == "timeout":
+            ctx.cancel.set()
+            return None, ProposerUnavailable("the proposal deadline passed without an answer")
+        return box.get("result"), box.get("error")
+
+    def _commit(self, cur, model, best: str) -> None:
+        files = cur.files
+        at_best = self.ws.files_at(best, list(files))
+        if all(at_best.get(p) == text for p, text in files.items()):
+            model.fire("reject", reason="the proposal changes nothing")
+            return
+        sha = self.ws.exp_ref(cur.n)
+        if sha and self.ws.commit_matches(sha, files, parent=best):
+            if self.ws.head() != sha:  # committed before a crash: reuse it
+                self._reset(sha)
+        else:
+            if self.ws.head() != best:
+                self._reset(best)
+            self.ws.write_files(files)
+            sha = self.ws.commit(f"exp {cur.n}: {cur.description or 'proposal'}")
+            self.ws.set_exp_ref(cur.n, sha)
+        added, removed = self.ws.numstat(best, sha)
+        model.fire("commit", commit=sha, parent=best, added=added, removed=removed,
+                   hashes={p: _sha256(t.encode()) for p, t in files.items()})
+
+    # -- training and judging
+
+    def _launch(self, cur, model) -> None:
+        if self.ws.head() != cur.commit:
+            self._reset(cur.commit)
+        for path, digest in cur.hashes.items():
+            try:
+                actual = self.ws.file_hash(path)
+            except FileNotFoundError:
+                actual = "missing"
+            if actual != digest:
+                model.fire("reject", reason=f"{path} changed between commit and launch")
+                return
+        self._start_run(cur, model, "launch")
+
+    def _start_run(self, cur, model, trigger: str) -> None:
+        attempt = cur.runs + 1
+        log_path = self.state_dir / "runs" / (f"{cur.n}.log" if attempt == 1 else f"{cur.n}-{attempt}.log")
+        sb = self.cfg.sandbox
+        model.fire(trigger, log=str(log_path.relative_to(self.root)), attempt=attempt, sandbox=sb.mode)
+        self._run = Run.start(self.cfg.run.argv, self.root, log_path, self.cfg.run.hard_deadline,
+                              self.cfg.run.log_max_bytes,
+                              SandboxSpec(sb.mode, sb.memory_mb, sb.max_processes, sb.max_file_mb),
+                              self.cfg.run.metric_regex, self.cfg.run.memory_regex or None,
+                              env=self._run_env())
+        self._run_started = time.monotonic()
+        self.notifier.status(self._status())
+
+    def _train(self, cur, model) -> None:
+        run = self._run
+        if run is None:  # cannot happen after _boot's interrupt; kept as a guard
+            model.fire("interrupt", reason="run lost")
+            return
+        if self._wait(lambda: run.poll() is not None) == "skip":
+            return  # _experiment_step handles the skip on the next turn
+        result = self._result = run.poll()
+        self._run = None
+        model.fire("finish", exit_code=result.exit_code, signal=result.signal, timed_out=result.timed_out,
+                   killed=result.killed, metric=_finite_or_none(result.metric),
+                   metric_text=None if result.metric is None else repr(result.metric),
+                   memory_gb=result.memory_gb, duration_s=round(result.duration_s, 3),
+                   log_tail=result.log_tail[-4000:], log_truncated=result.log_truncated,
+                   sandbox=result.sandbox)
+
+    def _judge(self, cur, model) -> None:
+        result = self._result
+        if result is None:  # cannot happen after _boot's interrupt; kept as a guard
+            model.fire("interrupt", reason="result lost")
+            return
+        failure = _failure(result)
+        if failure:
+            model.fire("crash", reason=failure)
+            return
+        metric = result.metric
+        if cur.kind == "baseline":
+            if len(cur.metrics) < self.cfg.judge.noise_runs + 1:
+                self._start_run(cur, model, "rerun")
+            else:
+                model.fire("keep", metric=statistics.fmean(cur.metrics), reason="baseline")
+            return
+        best = self.state.best_metric
+        threshold = max(self.cfg.judge.min_delta, self.state.threshold)
+        sign = 1 if self.cfg.run.direction == "minimize" else -1
+        gain = sign * (best - metric) if best is not None else math.inf
+        if gain > threshold:
+            model.fire("keep", metric=metric, reason=f"improved by {gain:.6f} (threshold {threshold:g})")
+        elif self.cfg.judge.simplicity and abs(gain) <= threshold and cur.added < cur.removed:
+            model.fire("keep", metric=metric,
+                       reason=f"equal within {threshold:g} and {cur.removed - cur.added} fewer lines")
+        else:
+            model.fire("discard", metric=metric, reason=f"no improvement ({metric:.6f} vs best {best:.6f})")
+
+    # ------------------------------------------------------------------ git helper
+
+    def _reset(self, sha: str) -> None:
+        """Hard reset to `sha`, keeping the human's program.md and config as they are."""
+        human = {p: (self.root / p).read_bytes() for p in HUMAN_FILES if (self.root / p).exists()}
+        self.ws.reset_hard(sha)
+        for p, data in human.items():
+            path = self.root / p
+            if not path.exists() or path.read_bytes() != data:
+                tmp = path.with_name(f".{p}.tmp")
+                tmp.write_bytes(data)
+                os.replace(tmp, path)
