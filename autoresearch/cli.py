@@ -1,0 +1,431 @@
+"""The `autoresearch` command line. Every command is documented with an example in docs/CLI.md.
+
+User mistakes (bad path, bad config, locked workspace, corrupt log) end as one
+line on stderr and a non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sqlite3
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+from . import __version__
+from .errors import CorruptLogError, UserError, WorkspaceError
+
+EXAMPLES = """examples:
+  autoresearch run lab --init          create ./lab from the built-in workload and loop until Ctrl-C
+  autoresearch status lab              what the daemon is doing now
+  autoresearch results lab > results.tsv
+  autoresearch show lab 7              diff, metric and log tail of experiment 7
+  autoresearch pause lab               (also: resume, skip, stop)
+  autoresearch tail -f lab             follow the daemon's structured log
+  autoresearch service install lab --user
+"""
+
+
+def _duration(text: str) -> float:
+    """'90', '90s', '30m', '2h', '1h30m' -> seconds."""
+    m = re.fullmatch(r"\s*(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m)?\s*(?:(\d+(?:\.\d+)?)s?)?\s*", text)
+    if not text.strip() or not m or not any(m.groups()):
+        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (use e.g. 90s, 30m, 8h, 1h30m)")
+    h, mi, s = (float(g) if g else 0.0 for g in m.groups())
+    return h * 3600 + mi * 60 + s
+
+
+def _workspace_dir(path: str) -> Path:
+    root = Path(path).absolute()
+    if not root.is_dir():
+        raise WorkspaceError(f"{path}: no such directory")
+    if not (root / "autoresearch.toml").exists() and not (root / ".autoresearch").is_dir():
+        raise WorkspaceError(f"{path}: not an autoresearch workspace (no autoresearch.toml)")
+    return root
+
+
+def _open_log(root: Path):
+    from .eventlog import EventLog
+
+    path = root / ".autoresearch" / "events.sqlite"
+    if not path.exists():
+        raise WorkspaceError(f"{root}: the daemon has not run here yet (no event log)")
+    return EventLog.open(path, create=False)
+
+
+def _read_state(root: Path):
+    log = _open_log(root)
+    try:
+        return log.state()
+    except (sqlite3.DatabaseError, ValueError, KeyError) as exc:
+        raise CorruptLogError(f"{root}: cannot read the event log ({exc}); try `autoresearch verify`") from None
+    finally:
+        log.close()
+
+
+# ---------------------------------------------------------------------- commands
+
+def cmd_init(args) -> int:
+    from . import config as config_mod
+    from . import trainer
+    from .workspace import Workspace
+
+    profile = args.profile or trainer.detect_profile()
+    tag = args.tag or datetime.now().strftime("%b%d").lower()
+    cfg = config_mod.Config(
+        run=config_mod.RunConfig(
+            command="python train.py",
+            prepare_command="python -m autoresearch.trainer.prepare",
+            budget_seconds=float(trainer.PROFILES[profile]["budget_seconds"]),
+        ),
+        proposer=config_mod.ProposerConfig(kind=args.proposer),
+        workload=config_mod.WorkloadConfig(profile=profile, data=args.data),
+    )
+    text = config_mod.render(cfg, config_mod.COMMENTS)
+    ws = Workspace.create(Path(args.dir), trainer.workload_files(profile), tag, text, editable=("train.py",))
+    print(f"created workspace {ws.root} (branch autoresearch/{tag}, profile {profile}, data {args.data})",
+          file=sys.stderr)
+    return 0
+
+
+def cmd_run(args) -> int:
+    from . import config as config_mod
+    from . import logs, secrets
+    from .daemon import Daemon
+    from .report import status_line
+
+    root = Path(args.dir)
+    if args.init and not (root / config_mod.CONFIG_NAME).exists():
+        cmd_init(args)
+    root = _workspace_dir(args.dir)
+    secrets.install_log_guard()
+    logs.configure(root / ".autoresearch", stream=sys.stdout, journal=args.journal,
+                   level=args.log_level, redact=secrets.redact)
+    daemon = Daemon(root, max_experiments=args.max_experiments, run_for=args.run_for)
+    try:
+        code = daemon.run()
+    finally:
+        logs.close()
+    print(f"autoresearch: {status_line(daemon.state)}", file=sys.stderr)
+    return code
+
+
+def cmd_status(args) -> int:
+    from .daemon import lock_holder
+    from .report import status_text
+
+    root = _workspace_dir(args.dir)
+    state = _read_state(root)
+    pid = lock_holder(root / ".autoresearch")
+    if args.json:
+        cur = state.current()
+        print(json.dumps({
+            "daemon": state.daemon, "running": pid is not None, "pid": pid, "reason": state.reason,
+            "retry_at": state.retry_at,
+            "current": None if cur is None else {"n": cur.n, "state": cur.state, "description": cur.description},
+            "best_metric": state.best_metric, "best_commit": state.best_commit, "counts": state.counts(),
+            "cost_usd": state.cost_usd, "usage": state.usage, "events": state.seq}, indent=2))
+        return 0
+    text = status_text(state, str(root), pid)
+    if pid is None and state.daemon not in ("stopped", "exhausted"):
+        text += "\nnote:       no daemon is running (it died or was killed); `autoresearch run` resumes"
+    print(text)
+    return 0
+
+
+def cmd_history(args) -> int:
+    from .report import history_line
+
+    root = _workspace_dir(args.dir)
+    log = _open_log(root)
+    try:
+        for event in log.events():
+            if args.experiment is not None and event.experiment != args.experiment:
+                continue
+            if args.json:
+                print(json.dumps({"seq": event.seq, "time": event.time, "aggregate": event.aggregate,
+                                  "trigger": event.trigger, "source": event.source, "dest": event.dest,
+                                  "payload": event.payload}))
+            else:
+                print(history_line(event))
+    finally:
+        log.close()
+    return 0
+
+
+def cmd_results(args) -> int:
+    from .report import results_tsv, totals_line
+
+    state = _read_state(_workspace_dir(args.dir))
+    sys.stdout.write(results_tsv(state))
+    print(totals_line(state), file=sys.stderr)
+    return 0
+
+
+def cmd_show(args) -> int:
+    from . import config as config_mod
+    from .report import fmt_metric
+    from .workspace import Workspace
+
+    root = _workspace_dir(args.dir)
+    state = _read_state(root)
+    exp = state.experiments.get(args.n)
+    if exp is None:
+        raise UserError(f"no experiment {args.n} (experiments: 0..{max(state.experiments, default=-1)})")
+    print(f"experiment {exp.n} ({exp.kind}): {exp.state}")
+    print(f"description: {exp.description or '-'}")
+    print(f"proposer:    {exp.proposer or '-'}")
+    print(f"commit:      {exp.commit or '-'} (parent {exp.parent or '-'})")
+    print(f"metric:      {fmt_metric(exp.metric)}" + (f"  (runs: {exp.metrics})" if len(exp.metrics) > 1 else ""))
+    print(f"lines:       +{exp.added} -{exp.removed}")
+    if exp.reason:
+        print(f"reason:      {exp.reason}")
+    if exp.cost_usd or any(exp.usage.values()):
+        print(f"cost:        ${exp.cost_usd:.4f} {exp.usage}")
+    if exp.commit and exp.parent:
+        ws = Workspace.open(root, config_mod.load(root).run.editable)
+        print("\n--- diff ---")
+        print(ws.diff(exp.parent, exp.commit).rstrip())
+    if exp.log_tail:
+        print("\n--- log tail ---")
+        print(exp.log_tail.rstrip()[-args.tail_chars:])
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from .eventlog import EventLog, verify_path
+    from .machine import check_event
+
+    root = _workspace_dir(args.dir)
+    path = root / ".autoresearch" / "events.sqlite"
+    report = verify_path(path)
+    if not report.ok:
+        print(f"{path}: {report}", file=sys.stderr)
+        print("to recover: `autoresearch repair` backs the log up and truncates it to the last valid event",
+              file=sys.stderr)
+        return CorruptLogError.exit_code
+    # The chain is intact; also check every transition against the machines' tables.
+    log = EventLog.open(path, create=False)
+    try:
+        current: dict[str, str] = {}
+        for event in log.events():
+            problem = check_event(event.aggregate, event.trigger, event.source, event.dest)
+            expected = current.get(event.aggregate)
+            if not problem and expected is not None and event.source != expected:
+                problem = f"source {event.source!r} but {event.aggregate} was in {expected!r}"
+            if problem:
+                print(f"{path}: event {event.seq}: illegal transition: {problem}", file=sys.stderr)
+                return CorruptLogError.exit_code
+            current[event.aggregate] = event.dest
+    finally:
+        log.close()
+    print(f"{path}: {report}; every transition legal")
+    return 0
+
+
+def cmd_repair(args) -> int:
+    from .daemon import lock_holder
+    from .eventlog import repair, verify_path
+
+    root = _workspace_dir(args.dir)
+    pid = lock_holder(root / ".autoresearch")
+    if pid is not None:
+        raise UserError(f"{args.dir}: a daemon (pid {pid}) is running; stop it before repairing")
+    path = root / ".autoresearch" / "events.sqlite"
+    report = verify_path(path)
+    if report.ok:
+        print(f"{path}: {report}; nothing to repair")
+        return 0
+    backup, kept, dropped = repair(path)
+    print(f"backed up to {backup}; kept {kept} events, dropped {dropped} (from event {report.first_bad_seq} on)")
+    return 0
+
+
+def cmd_plot(args) -> int:
+    from . import config as config_mod
+    from .plot import plot
+
+    root = _workspace_dir(args.dir)
+    state = _read_state(root)
+    out = Path(args.output)
+    count = plot(state, out, config_mod.load(root).run.direction)
+    print(f"wrote {out} ({count} experiments)")
+    return 0
+
+
+def cmd_request(args) -> int:
+    """pause | resume | stop | skip: write to the inbox, return once the daemon has logged it."""
+    from .daemon import lock_holder, submit_request
+
+    root = _workspace_dir(args.dir)
+    state_dir = root / ".autoresearch"
+    if lock_holder(state_dir) is None:
+        raise UserError(f"{args.dir}: no daemon is running on this workspace")
+    rid = submit_request(state_dir, args.command)
+    deadline = time.monotonic() + args.timeout
+    conn = sqlite3.connect(f"file:{state_dir / 'events.sqlite'}?mode=ro", uri=True)
+    try:
+        while time.monotonic() < deadline:
+            row = conn.execute("SELECT seq, aggregate, trigger, dest, payload FROM events WHERE payload LIKE ? "
+                               "ORDER BY seq LIMIT 1", [f'%"request":"{rid}"%']).fetchone()
+            if row:
+                seq, aggregate, trigger, dest, payload = row
+                outcome = json.loads(payload).get("outcome")
+                if outcome:
+                    print(f"{args.command}: {outcome} (event {seq})", file=sys.stderr)
+                    return 1
+                print(f"{args.command}: done: {aggregate} {trigger} -> {dest} (event {seq})")
+                return 0
+            time.sleep(0.02)
+    finally:
+        conn.close()
+    raise UserError(f"{args.command}: the daemon did not acknowledge within {args.timeout:g}s "
+                    "(the request stays in its inbox)")
+
+
+def cmd_tail(args) -> int:
+    from .tail import tail
+
+    root = _workspace_dir(args.dir)
+    try:
+        tail(root / ".autoresearch", follow=args.follow, as_json=args.json, experiment=args.experiment,
+             lines=args.lines)
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+def cmd_service(args) -> int:
+    from . import service
+
+    root = Path(args.dir).absolute()
+    if args.action == "install":
+        _workspace_dir(args.dir)
+        installed = service.install(root, user=args.user, gpu=args.gpu, print_only=args.print)
+        if args.print:
+            print(installed.text, end="")
+        else:
+            print(f"installed and started {installed.unit} ({installed.path})")
+            for hint in installed.hints:
+                print(f"hint: {hint}")
+    elif args.action == "uninstall":
+        print(f"stopped and removed {service.uninstall(root, user=args.user)}")
+    else:
+        print(service.status(root, user=args.user))
+    return 0
+
+
+# ---------------------------------------------------------------------- parser
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="autoresearch", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="An unattended ML-research daemon: propose, train, judge, keep or roll back.",
+        epilog=EXAMPLES)
+    p.add_argument("--version", action="version", version=f"autoresearch {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name, func, help, example):
+        sp = sub.add_parser(name, help=help, description=f"{help}\n\nexample:\n  {example}",
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+        sp.set_defaults(func=func)
+        return sp
+
+    def init_options(sp):
+        sp.add_argument("--tag", help="branch name suffix: autoresearch/<tag> (default: today, e.g. nov26)")
+        sp.add_argument("--profile", choices=["cpu", "gpu"], help="default: gpu if CUDA is available, else cpu")
+        sp.add_argument("--data", default="stdlib",
+                        help="stdlib (default, offline) | dir:/path | climbmix | tinystories")
+        sp.add_argument("--proposer", default="offline", choices=["offline", "anthropic", "command"])
+
+    sp = add("init", cmd_init, "create a workspace from the built-in workload", "autoresearch init lab")
+    sp.add_argument("dir")
+    init_options(sp)
+
+    sp = add("run", cmd_run, "run the daemon in the foreground (Ctrl-C stops; run again to resume)",
+             "autoresearch run lab --init --for 8h")
+    sp.add_argument("dir", nargs="?", default=".")
+    sp.add_argument("--init", action="store_true", help="create the workspace first if it does not exist")
+    init_options(sp)
+    sp.add_argument("--max-experiments", type=int, metavar="N", help="stop after N experiments in this run")
+    sp.add_argument("--for", dest="run_for", type=_duration, metavar="DURATION",
+                    help="stop after this long, e.g. 90m or 8h")
+    sp.add_argument("--journal", choices=["auto", "on", "off"], default="auto",
+                    help="log to journald (auto: when running under systemd)")
+    sp.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+    sp = add("status", cmd_status, "what the daemon is doing, best so far, totals", "autoresearch status lab")
+    sp.add_argument("dir", nargs="?", default=".")
+    sp.add_argument("--json", action="store_true")
+
+    sp = add("history", cmd_history, "replay the event log: one line per transition",
+             "autoresearch history lab --experiment 3")
+    sp.add_argument("dir", nargs="?", default=".")
+    sp.add_argument("--experiment", type=int, metavar="N")
+    sp.add_argument("--json", action="store_true", help="one JSON object per event")
+
+    sp = add("results", cmd_results, "autoresearch-compatible results.tsv on stdout (totals on stderr)",
+             "autoresearch results lab > results.tsv")
+    sp.add_argument("dir", nargs="?", default=".")
+
+    sp = add("show", cmd_show, "diff, metric and log tail of one experiment", "autoresearch show lab 7")
+    sp.add_argument("dir")
+    sp.add_argument("n", type=int)
+    sp.add_argument("--tail-chars", type=int, default=3000)
+
+    sp = add("verify", cmd_verify, "check the event log: sequence, hash chain, schema, legal transitions",
+             "autoresearch verify lab")
+    sp.add_argument("dir", nargs="?", default=".")
+
+    sp = add("repair", cmd_repair, "back up a corrupt event log and truncate it to the last valid event",
+             "autoresearch repair lab")
+    sp.add_argument("dir", nargs="?", default=".")
+
+    sp = add("plot", cmd_plot, "PNG of every experiment's metric with the running best",
+             "autoresearch plot lab -o progress.png")
+    sp.add_argument("dir", nargs="?", default=".")
+    sp.add_argument("-o", "--output", default="progress.png")
+
+    for name, help in (("pause", "let the current run finish, then wait"),
+                       ("resume", "continue after a pause"),
+                       ("stop", "stop the daemon gracefully (the experiment in flight is re-run on resume)"),
+                       ("skip", "abort the current experiment as discarded")):
+        sp = add(name, cmd_request, help, f"autoresearch {name} lab")
+        sp.add_argument("dir", nargs="?", default=".")
+        sp.add_argument("--timeout", type=float, default=15.0, help="seconds to wait for the daemon")
+
+    sp = add("tail", cmd_tail, "show or follow the daemon's structured log", "autoresearch tail -f lab")
+    sp.add_argument("dir", nargs="?", default=".")
+    sp.add_argument("-f", "--follow", action="store_true")
+    sp.add_argument("--json", action="store_true", help="raw JSON lines")
+    sp.add_argument("--experiment", type=int, metavar="N")
+    sp.add_argument("-n", "--lines", type=int, default=50)
+
+    sp = add("service", cmd_service, "install, uninstall or inspect the systemd unit of a workspace",
+             "autoresearch service install lab --user --gpu 0")
+    sp.add_argument("action", choices=["install", "uninstall", "status"])
+    sp.add_argument("dir", nargs="?", default=".")
+    sp.add_argument("--user", action="store_true", help="a user unit (systemctl --user) instead of system-wide")
+    sp.add_argument("--gpu", type=int, metavar="N", help="pin the service to GPU N (CUDA_VISIBLE_DEVICES)")
+    sp.add_argument("--print", action="store_true", help="only print the unit; install nothing")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as exc:
+        print(f"autoresearch: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:  # `autoresearch history | head`
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,230 @@
+"""Any external agent CLI as a proposer (Claude Code print mode, Codex exec, a script...).
+
+The agent runs in the workspace with the prompt (prompt.command_prompt) on
+its stdin and edits the worktree itself, so the Proposal has ``files=None``:
+the daemon then judges the worktree diff exactly like any other proposal,
+scope guard included. This module never decides what is in scope.
+
+Process hygiene: the agent gets its own process group (start_new_session);
+on the deadline or ``ctx.cancel`` the whole group is killed (SIGTERM, then
+SIGKILL after a grace period), and after a normal exit any process the agent
+left behind in its group is killed too, so nothing outlives the proposal.
+A process that leaves the group on purpose (setsid, double fork into a new
+session) is beyond reach; run the daemon under systemd (KillMode=control-group)
+for that.
+
+Environment: the agent inherits the daemon's environment minus systemd's
+notify/watchdog variables (an agent must not ping the daemon's watchdog). It
+keeps credentials (ANTHROPIC_API_KEY, OPENAI_API_KEY, ...) because an agent CLI
+needs its own key; under systemd the key from the ``anthropic_api_key``
+credential is exported as ANTHROPIC_API_KEY. This is the agent, not the
+training run: runs get a scrubbed environment (runner.scrubbed_env).
+
+Output (stdout and stderr, line by line, secrets redacted) goes to
+``.autoresearch/proposals/<n>.log``, capped in size.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+from .. import secrets
+from .base import NoEdit, Proposal, ProposalContext, ProposerUnavailable
+from .prompt import command_prompt, one_line, strip_ansi
+
+DROP_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
+LOG_MAX_BYTES = 5_000_000
+KILL_GRACE_S = 2.0
+DESCRIPTION_MAX = 200
+_TAIL_BYTES = 16_384
+_TRUNCATED = b"\n[... log truncated at the size cap ...]\n"
+
+
+def agent_env(base) -> dict[str, str]:
+    """The agent's environment: the daemon's, minus systemd notify/watchdog, plus the API key
+    from the systemd credential when the environment lacks one."""
+    env = {k: v for k, v in base.items() if k not in DROP_ENV}
+    if not env.get(secrets.ENV_NAME):
+        key = secrets.load_api_key(base)
+        if key:
+            env[secrets.ENV_NAME] = key
+    env.setdefault("NO_COLOR", "1")  # fewer escape sequences in the log
+    return env
+
+
+class _CappedLog:
+    """Thread-safe append-only log that stops at max_bytes with a marker line."""
+
+    def __init__(self, path: Path, max_bytes: int):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._f = open(path, "wb")
+        self._left = max_bytes
+        self._lock = threading.Lock()
+        self.truncated = False
+
+    def write(self, data: bytes) -> None:
+        with self._lock:
+            if self.truncated:
+                return
+            chunk = data[: self._left]
+            self._f.write(chunk)
+            self._left -= len(chunk)
+            if len(chunk) < len(data):
+                self._f.write(_TRUNCATED)
+                self.truncated = True
+
+    def close(self) -> None:
+        with self._lock:
+            self._f.close()
+
+
+def _pump(pipe, log: _CappedLog, tail: bytearray) -> None:
+    """Copy a pipe to the log line by line (so redaction sees whole lines), keep its tail."""
+    try:
+        for line in iter(lambda: pipe.readline(65_536), b""):
+            clean = secrets.redact(line.decode("utf-8", "replace")).encode()
+            log.write(clean)
+            tail.extend(clean)
+            del tail[:-_TAIL_BYTES]
+    except (OSError, ValueError):
+        pass
+    finally:
+        pipe.close()
+
+
+def _feed(pipe, data: bytes) -> None:
+    """Write the prompt; an agent that exits or never reads stdin is fine."""
+    try:
+        pipe.write(data)
+    except (OSError, ValueError):
+        pass
+    finally:
+        try:
+            pipe.close()
+        except OSError:
+            pass
+
+
+def _exited(pid: int) -> bool:
+    """True once the leader has exited, WITHOUT reaping it: while it is an unreaped
+    zombie its pid (= the group id) cannot be reused, so killpg stays safe."""
+    try:
+        return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:
+        return True
+
+
+def _killpg(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _changed_paths(workspace: Path) -> list[str] | None:
+    """Paths git sees as changed or new (ignored files excluded); None if git cannot tell."""
+    try:
+        out = subprocess.run(["git", "status", "--porcelain=v1", "-z", "--untracked-files=all"],
+                             cwd=workspace, capture_output=True, timeout=60, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    paths, entries = [], out.decode("utf-8", "replace").split("\0")
+    i = 0
+    while i < len(entries):
+        entry = entries[i]
+        if len(entry) > 3:
+            paths.append(entry[3:])
+            if entry[0] in "RC":  # a rename/copy is followed by its source path
+                i += 1
+        i += 1
+    return paths
+
+
+def _last_line(data: bytes) -> str:
+    for line in reversed(strip_ansi(data.decode("utf-8", "replace")).splitlines()):
+        if line.strip():
+            return one_line(line, DESCRIPTION_MAX)
+    return ""
+
+
+class CommandProposer:
+    """Proposer(cfg): cfg has argv (sequence of str) and deadline_seconds."""
+
+    name = "command"
+
+    def __init__(self, cfg, *, log_max_bytes: int = LOG_MAX_BYTES, kill_grace: float = KILL_GRACE_S):
+        self.cfg = cfg
+        self.log_max_bytes = log_max_bytes
+        self.kill_grace = kill_grace
+
+    def propose(self, ctx: ProposalContext) -> Proposal:
+        argv = [str(a) for a in self.cfg.argv]
+        if not argv:
+            raise ProposerUnavailable("[command] argv is empty in autoresearch.toml", retry_after=600.0)
+        started = time.monotonic()
+        deadline = min(ctx.deadline, started + self.cfg.deadline_seconds)
+        log_path = Path(ctx.workspace) / ".autoresearch" / "proposals" / f"{ctx.n}.log"
+        log = _CappedLog(log_path, self.log_max_bytes)
+        log.write(f"$ {' '.join(argv)}\n".encode())
+        try:
+            proc = subprocess.Popen(argv, cwd=ctx.workspace, env=agent_env(os.environ),
+                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, start_new_session=True)
+        except OSError as exc:
+            log.close()
+            # A missing or non-executable agent is a setup problem: block with a clear reason
+            # rather than silently falling back to the offline proposer every experiment.
+            raise ProposerUnavailable(f"cannot start the agent {argv[0]!r}: {exc.strerror}",
+                                      retry_after=300.0) from None
+        out_tail, err_tail = bytearray(), bytearray()
+        threads = [threading.Thread(target=_feed, args=(proc.stdin, command_prompt(ctx).encode()), daemon=True),
+                   threading.Thread(target=_pump, args=(proc.stdout, log, out_tail), daemon=True),
+                   threading.Thread(target=_pump, args=(proc.stderr, log, err_tail), daemon=True)]
+        for t in threads:
+            t.start()
+
+        killed = None
+        while not _exited(proc.pid):
+            if ctx.cancel.wait(0.05):
+                killed = "cancel"
+            elif time.monotonic() >= deadline:
+                killed = "deadline"
+            if killed:
+                _killpg(proc.pid, signal.SIGTERM)
+                grace_end = time.monotonic() + self.kill_grace
+                while not _exited(proc.pid) and time.monotonic() < grace_end:
+                    time.sleep(0.02)
+                break
+        # Whatever is left in the group (the leader if it ignored SIGTERM, or children it
+        # left behind after a normal exit) dies now, before the leader is reaped.
+        _killpg(proc.pid, signal.SIGKILL)
+        code = proc.wait()
+        for t in threads:
+            t.join(timeout=5)
+        seconds = time.monotonic() - started
+        note = f"; killed: {killed}" if killed else ""
+        log.write(f"\n[agent exit status {code} after {seconds:.1f}s{note}]\n".encode())
+        log.close()
+
+        meta = {"exit_code": code, "seconds": round(seconds, 3), "log": str(log_path),
+                "log_truncated": log.truncated}
+        if killed == "cancel":
+            raise ProposerUnavailable("proposal cancelled")
+        if killed == "deadline":
+            raise NoEdit(f"agent {argv[0]!r} passed its {deadline - started:.0f}s deadline and was killed")
+        if code != 0:
+            detail = _last_line(bytes(err_tail)) or _last_line(bytes(out_tail))
+            raise NoEdit(f"agent {argv[0]!r} exited with status {code}" + (f": {detail}" if detail else ""))
+        changed = _changed_paths(Path(ctx.workspace))
+        if changed == []:
+            raise NoEdit(f"agent {argv[0]!r} exited without changing any file")
+        description = _last_line(bytes(out_tail))
+        if not description:
+            description = "edit " + ", ".join(changed[:5]) if changed else f"{argv[0]} edit"
+        meta["changed"] = changed
+        return Proposal(description=description, files=None, proposer=self.name, meta=meta)
