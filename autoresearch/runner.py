@@ -1,0 +1,630 @@
+"""One training run: its own process group, a scrubbed environment, an optional
+sandbox, a size-capped log, a hard deadline, and the metric read from its output.
+
+Threads, per run:
+  * a reader drains the child's stdout+stderr pipe into ``runs/<N>.log`` (up to
+    ``log_max_bytes``, then it keeps draining without writing), keeps a tail
+    buffer and scans complete lines for the metric/memory regexes (so the
+    metric is found even past the cap);
+  * a watcher enforces the hard deadline and the memory limit, escalates
+    SIGTERM -> SIGKILL, and, once the leader has exited, kills whatever is left
+    of its process group before reaping it (a zombie leader keeps the pgid
+    reserved, so the group id cannot have been reused by then).
+``poll()`` only reads what those threads produced: it never blocks.
+
+Sandbox (``mode = "auto"`` on Linux; ``"off"`` = none of this, but the env is
+still scrubbed and the run still gets its own process group):
+  * network: ``unshare --net`` (as root) or ``unshare --net --map-root-user``
+    (unprivileged user namespace) gives the run a private network namespace:
+    its own loopback (brought up, so a workload may talk to itself) and no
+    route anywhere else -- not even to the host's 127.0.0.1. Everything in the
+    chain execs, so the run keeps its PID and process group. Probed once per
+    process; where the kernel refuses, the run has the host network and
+    ``sandbox["network"]`` says "host".
+  * file size: RLIMIT_FSIZE = max_file_mb (a bigger write fails with EFBIG).
+  * processes: RLIMIT_NPROC counts *all* tasks (threads too) of the real user,
+    not just this run, so the limit is the user's current task count +
+    max_processes (headroom, not an absolute cap). The kernel does not enforce
+    it for root; ``sandbox["max_processes"]`` is None then.
+  * memory: not RLIMIT_AS (CUDA reserves huge virtual ranges) nor RLIMIT_DATA
+    (counts the same private mappings). The watcher sums the resident memory of
+    the group every 0.2 s (statm RSS; over the limit it re-measures with PSS
+    from smaps_rollup so pages shared by forked workers count once) and SIGKILLs
+    the group with ``killed="memory"`` above memory_mb (0 = 90 % of MemTotal).
+  Limits are applied with util-linux ``prlimit`` (which execs the command, so no
+  Python code runs between fork and exec); without it, a preexec_fn.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import resource
+import select
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping, Sequence
+
+GRACE_S = 3.0  # SIGTERM -> SIGKILL
+TAIL_BYTES = 64 * 1024  # output kept in memory for the recorded tail
+RECORDED_TAIL_CHARS = 8000  # RunResult.log_tail
+WATCH_INTERVAL_S = 0.05
+MEMORY_CHECK_INTERVAL_S = 0.2
+DRAIN_AFTER_EXIT_S = 1.0  # a pipe still held open by an escaped process stops blocking us after this
+
+# ---------------------------------------------------------------------- environment
+# Allow-list, then deny-list. An allow-list because a run must not see
+# credentials we cannot name in advance (DATABASE_URL, GITHUB_PAT, ...); the
+# names below are what a training run legitimately needs (locale, temp dirs,
+# the Python/venv setup, GPU selection and tuning, thread counts).
+_KEEP_NAMES = {
+    "PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "LANGUAGE", "TERM", "TZ", "TMPDIR",
+    "PYTHONPATH", "PYTHONHASHSEED", "PYTHONUTF8", "PYTHONIOENCODING", "VIRTUAL_ENV",
+    "CONDA_PREFIX", "LD_LIBRARY_PATH", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
+    "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS", "VECLIB_MAXIMUM_THREADS",
+    # CA bundles: public certificates, needed by a workload that downloads data.
+    "SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE",
+}
+_KEEP_PREFIXES = ("LC_", "XDG_", "CUDA_", "NVIDIA_", "NCCL_", "CUDNN_", "TORCH_", "PYTORCH_",
+                  "TRITON_", "HIP_", "ROCM_", "HSA_", "MPS_", "HF_", "AUTORESEARCH_")
+# Proxies are left out on purpose: their URLs often embed user:password.
+# Even an allowed prefix never passes these (e.g. AUTORESEARCH_API_KEY, HF_TOKEN).
+_DENY = re.compile(r"(KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL|AUTH|COOKIE|SESSION)",
+                   re.IGNORECASE)
+
+
+def scrubbed_env(base: Mapping[str, str]) -> dict[str, str]:
+    """The environment a run gets: allow-listed names minus anything secret-looking.
+
+    Dropped by construction: *_API_KEY, *_TOKEN, CREDENTIALS_DIRECTORY,
+    NOTIFY_SOCKET, WATCHDOG_*, LISTEN_* (systemd's channels belong to the
+    daemon), AWS_*/GOOGLE_*/..., proxies, anything not named above.
+    """
+    env = {
+        k: v for k, v in base.items()
+        if (k in _KEEP_NAMES or k.startswith(_KEEP_PREFIXES)) and not _DENY.search(k)
+    }
+    env.setdefault("PATH", os.defpath)
+    env["PYTHONUNBUFFERED"] = "1"  # so the log shows progress as it happens
+    return env
+
+
+# ---------------------------------------------------------------------- metrics
+def parse_metric(text: str, regex: str) -> float | None:
+    """Last match of ``regex`` (MULTILINE) in ``text`` -> float; nan/inf allowed; else None.
+
+    Group 1 is the value (the whole match if the regex has no group). If the
+    last match does not parse, the result is None: an earlier value is not used.
+    """
+    last = None
+    for m in re.finditer(regex, text, re.MULTILINE):
+        last = m
+    return _match_value(last)
+
+
+def _match_value(m: re.Match | None) -> float | None:
+    if m is None:
+        return None
+    raw = m.group(1) if m.re.groups else m.group(0)
+    try:
+        return float(raw.strip())
+    except (TypeError, ValueError):
+        return None
+
+
+# ---------------------------------------------------------------------- sandbox
+@dataclass(frozen=True)
+class SandboxSpec:
+    mode: str = "auto"  # "auto" | "off"
+    memory_mb: int = 0  # 0 -> 90 % of MemTotal
+    max_processes: int = 4096
+    max_file_mb: int = 4096
+
+
+_netns_lock = threading.Lock()
+_netns_prefix: list[str] | None = None
+_netns_probed = False
+
+
+def netns_prefix() -> list[str] | None:
+    """argv prefix that puts a command in a private network namespace, or None.
+
+    Probed once (the answer cannot change while we run); a probe costs ~10 ms.
+    """
+    global _netns_prefix, _netns_probed
+    with _netns_lock:
+        if _netns_probed:
+            return _netns_prefix
+        _netns_probed = True
+        unshare = shutil.which("unshare")
+        if sys.platform.startswith("linux") and unshare:
+            tries = [[unshare, "--net"], [unshare, "--net", "--map-root-user"]]
+            if os.geteuid() != 0:
+                tries.reverse()
+            for prefix in tries:
+                try:
+                    ok = subprocess.run(prefix + ["true"], stdin=subprocess.DEVNULL,
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                        timeout=10).returncode == 0
+                except (OSError, subprocess.TimeoutExpired):
+                    ok = False
+                if ok:
+                    _netns_prefix = prefix
+                    break
+        return _netns_prefix
+
+
+# Runs inside the new network namespace, then execs the command (same PID, same
+# group). Bringing the namespace's own loopback up lets a workload talk to itself
+# on 127.0.0.1 (e.g. torch.distributed's rendezvous) while the host stays unreachable.
+_LOOPBACK_UP = """
+import fcntl, os, socket, struct, sys
+try:
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    req = struct.pack("16sh", b"lo", 0).ljust(40, b"\\0")
+    flags = struct.unpack_from("16sh", fcntl.ioctl(s, 0x8913, req))[1]  # SIOCGIFFLAGS
+    fcntl.ioctl(s, 0x8914, struct.pack("16sh", b"lo", flags | 1).ljust(40, b"\\0"))  # IFF_UP
+    s.close()
+except OSError:
+    pass
+try:
+    os.execvp(sys.argv[1], sys.argv[1:])
+except OSError as e:
+    sys.stderr.write(f"cannot start {sys.argv[1]}: {e.strerror}\\n")
+    sys.exit(127)
+"""
+
+
+def mem_total_mb() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) // 1024
+    except OSError:
+        pass
+    return 0
+
+
+def _user_task_count(uid: int) -> int:
+    """Tasks (threads included, as RLIMIT_NPROC counts them) owned by real uid."""
+    count = 0
+    for pid in _pids():
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                uid_ok = threads = None
+                for line in f:
+                    if line.startswith("Uid:"):
+                        uid_ok = int(line.split()[1]) == uid
+                    elif line.startswith("Threads:"):
+                        threads = int(line.split()[1])
+                        break
+            if uid_ok and threads:
+                count += threads
+        except (OSError, ValueError, IndexError):
+            continue
+    return count
+
+
+def _plan_sandbox(spec: SandboxSpec) -> tuple[list[str], list[tuple[int, int]], dict]:
+    """(argv prefix, rlimits, record of what is applied) for this run."""
+    if spec.mode == "off" or not sys.platform.startswith("linux"):
+        return [], [], {"mode": spec.mode, "network": "host", "memory_mb": None,
+                        "max_processes": None, "max_file_mb": None}
+    prefix = list(netns_prefix() or [])
+    if prefix:
+        prefix += [sys.executable, "-I", "-S", "-c", _LOOPBACK_UP]
+    limits = [(resource.RLIMIT_FSIZE, spec.max_file_mb * 1024 * 1024)]
+    nproc = None
+    if os.geteuid() != 0 and spec.max_processes > 0:
+        nproc = _user_task_count(os.getuid()) + spec.max_processes
+        hard = resource.getrlimit(resource.RLIMIT_NPROC)[1]
+        if hard != resource.RLIM_INFINITY:
+            nproc = min(nproc, hard)
+        limits.append((resource.RLIMIT_NPROC, nproc))
+    memory_mb = spec.memory_mb or int(mem_total_mb() * 0.9)
+    record = {
+        "mode": spec.mode,
+        "network": "isolated" if prefix else "host",
+        "memory_mb": memory_mb or None,
+        "max_processes": nproc,  # the absolute RLIMIT_NPROC; None as root (not enforced)
+        "max_file_mb": spec.max_file_mb,
+    }
+    return prefix, limits, record
+
+
+def _limits_argv(limits: list[tuple[int, int]]) -> list[str] | None:
+    prlimit = shutil.which("prlimit")
+    if not prlimit or not limits:
+        return None
+    names = {resource.RLIMIT_FSIZE: "--fsize", resource.RLIMIT_NPROC: "--nproc"}
+    return [prlimit] + [f"{names[r]}={v}" for r, v in limits] + ["--"]
+
+
+# ---------------------------------------------------------------------- /proc helpers
+def _pids() -> list[int]:
+    try:
+        return [int(p) for p in os.listdir("/proc") if p.isdigit()]
+    except OSError:
+        return []
+
+
+def _stat(pid: int) -> tuple[str, int, int] | None:
+    """(state, pgrp, start ticks) of pid from /proc/<pid>/stat, or None."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    # comm is in parentheses and may contain spaces: split after the last ')'.
+    rest = data[data.rfind(b")") + 2:].split()
+    try:
+        return rest[0].decode(), int(rest[2]), int(rest[19])
+    except (IndexError, ValueError):
+        return None
+
+
+def proc_start_ticks(pid: int) -> int | None:
+    """Start time of pid in clock ticks since boot (/proc/<pid>/stat field 22)."""
+    st = _stat(pid)
+    return st[2] if st else None
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live (non-zombie) processes whose process group is pgid."""
+    out = []
+    for pid in _pids():
+        st = _stat(pid)
+        if st and st[1] == pgid and st[0] not in ("Z", "X"):
+            out.append(pid)
+    return out
+
+
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def _group_rss_mb(pids: list[int]) -> float:
+    rss = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/statm") as f:
+                rss += int(f.read().split()[1]) * _PAGE
+        except (OSError, ValueError, IndexError):
+            continue
+    return rss / 2**20
+
+
+def _group_pss_mb(pids: list[int]) -> float:
+    pss = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/smaps_rollup") as f:
+                for line in f:
+                    if line.startswith("Pss:"):
+                        pss += int(line.split()[1]) * 1024
+                        break
+        except (OSError, ValueError, IndexError):
+            continue
+    return pss / 2**20
+
+
+def _killpg(pgid: int, sig: int) -> bool:
+    try:
+        os.killpg(pgid, sig)
+        return True
+    except (ProcessLookupError, PermissionError):
+        return False
+
+
+def _wait_group_gone(pgid: int, timeout: float) -> bool:
+    end = time.monotonic() + timeout
+    while group_members(pgid):
+        if time.monotonic() >= end:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def kill_stale_group(pgid: int, start_ticks: int | None) -> bool:
+    """Kill what is left of a run started by a previous daemon; True if anything was signalled.
+
+    Linux never hands out a PID that is still in use as a process-group id, so:
+      * the leader (pid == pgid) is alive with the recorded start ticks -> it is our run:
+        SIGKILL the group;
+      * a live process with that PID but other start ticks -> our group is gone
+        entirely and this is an unrelated process: touch nothing;
+      * no such PID -> any process still in group pgid is an orphan of our run: kill them.
+    Without recorded ticks a live leader cannot be verified, so only orphans are killed.
+    Waits (up to 5 s) until the group is gone.
+    """
+    if pgid <= 1 or pgid == os.getpgrp():
+        return False
+    leader = _stat(pgid)
+    if leader is not None and leader[0] not in ("Z", "X"):
+        if start_ticks is None or leader[2] != start_ticks or leader[1] != pgid:
+            return False
+        signalled = _killpg(pgid, signal.SIGKILL)
+    else:
+        signalled = False
+        for pid in group_members(pgid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+                signalled = True
+            except (ProcessLookupError, PermissionError):
+                pass
+    if signalled:
+        _wait_group_gone(pgid, 5.0)
+    return signalled
+
+
+# ---------------------------------------------------------------------- the run
+@dataclass(frozen=True)
+class RunResult:
+    exit_code: int | None  # None when ended by a signal
+    signal: int | None
+    timed_out: bool
+    killed: str | None  # "deadline" | "memory" | the reason given to kill() | None
+    metric: float | None
+    memory_gb: float | None
+    duration_s: float
+    log_path: str
+    log_tail: str
+    log_truncated: bool
+    sandbox: dict = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        """Clean exit with a finite metric (anything else is a crash)."""
+        return (self.exit_code == 0 and self.killed is None and self.metric is not None
+                and math.isfinite(self.metric))
+
+
+class Run:
+    """A started run. Create with :meth:`start`; call :meth:`poll` until it returns a result."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._result: RunResult | None = None
+        self._killed: str | None = None
+        self._term_at: float | None = None
+        self._tail = bytearray()
+        self._pending = ""
+        self._metric_m: re.Match | None = None
+        self._memory_m: re.Match | None = None
+        self._written = 0
+        self._truncated = False
+        self._leader_done = threading.Event()
+        self._reader_done = threading.Event()
+        self._wake = threading.Event()  # EOF or kill(): the watcher looks now, not at its next tick
+
+    @classmethod
+    def start(
+        cls,
+        argv: Sequence[str] | str,
+        cwd: Path | str,
+        log_path: Path | str,
+        deadline_s: float,
+        log_max_bytes: int,
+        sandbox: SandboxSpec,
+        metric_regex: str,
+        memory_regex: str | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> "Run":
+        """Launch ``argv`` (a list, or a string split with shlex) in ``cwd``.
+
+        ``python``/``python3`` as argv[0] means the daemon's own interpreter.
+        ``env`` (default: os.environ) is scrubbed either way. A command that
+        cannot be started gives an already-finished run with exit code 127.
+        """
+        self = cls()
+        argv = shlex.split(argv) if isinstance(argv, str) else list(argv)
+        if not argv:
+            raise ValueError("empty run command")
+        if argv[0] in ("python", "python3"):
+            argv[0] = sys.executable  # the daemon's own interpreter (its venv)
+        self.argv = argv
+        self.log_path = str(log_path)
+        self.deadline_s = float(deadline_s)
+        self.log_max_bytes = int(log_max_bytes)
+        self._metric_re = re.compile(metric_regex, re.MULTILINE)
+        self._memory_re = re.compile(memory_regex, re.MULTILINE) if memory_regex else None
+        prefix, limits, record = _plan_sandbox(sandbox)
+        self.sandbox = record
+        self._memory_limit_mb = record["memory_mb"]
+        base_env = os.environ if env is None else env
+        full_env = scrubbed_env(base_env)
+        record["env_dropped"] = sorted(set(base_env) - set(full_env))  # names only, never values
+        limit_argv = _limits_argv(limits)
+        preexec = None
+        if limits and limit_argv is None:
+            def preexec() -> None:  # only where util-linux prlimit is missing
+                for res, value in limits:
+                    resource.setrlimit(res, (value, value))
+        cmd = prefix + (limit_argv or []) + argv
+        Path(log_path).parent.mkdir(parents=True, exist_ok=True)
+        self._log = open(log_path, "wb")  # truncates: the log is THIS run's output only
+        self._t0 = time.monotonic()
+        try:
+            self._proc = subprocess.Popen(
+                cmd, cwd=str(cwd), env=full_env, stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+                preexec_fn=preexec, close_fds=True,
+            )
+        except OSError as exc:
+            # No process exists. Report it as a failed run, like a shell would (127).
+            msg = f"[autoresearch] cannot start {shlex.join(argv)}: {exc.strerror or exc}\n"
+            self._log.write(msg.encode())
+            self._log.close()
+            self.pid = self.pgid = 0
+            self.start_time = None
+            self._result = RunResult(127, None, False, None, None, None, 0.0, self.log_path,
+                                     msg, False, record)
+            return self
+        self.pid = self.pgid = self._proc.pid
+        self.start_time = proc_start_ticks(self.pid)  # /proc start ticks: identifies the leader
+        self._fd = self._proc.stdout.fileno()
+        os.set_blocking(self._fd, False)
+        threading.Thread(target=self._read, name=f"run-reader-{self.pid}", daemon=True).start()
+        threading.Thread(target=self._watch, name=f"run-watch-{self.pid}", daemon=True).start()
+        return self
+
+    @property
+    def start_ticks(self) -> int | None:
+        return self.start_time
+
+    # -------------------------------------------------------------- public
+    def poll(self) -> RunResult | None:
+        """The result once the run is over and its group is gone; None before. Never blocks."""
+        return self._result
+
+    def kill(self, reason: str) -> None:
+        """SIGTERM the group now; the watcher sends SIGKILL after GRACE_S. Never blocks."""
+        with self._lock:
+            if self._leader_done.is_set() or self._killed is not None or self._result is not None:
+                return
+            self._killed = reason
+            self._term_at = time.monotonic()
+        _killpg(self.pgid, signal.SIGTERM)
+        self._wake.set()
+
+    def wait(self, timeout: float | None = None) -> RunResult | None:
+        """Block until the result is ready (tests and tools; the daemon uses poll)."""
+        end = None if timeout is None else time.monotonic() + timeout
+        while self._result is None:
+            if end is not None and time.monotonic() >= end:
+                break
+            time.sleep(0.01)
+        return self._result
+
+    # -------------------------------------------------------------- threads
+    def _read(self) -> None:
+        fd = self._fd
+        drain_end = None
+        try:
+            while True:
+                if self._leader_done.is_set() and drain_end is None:
+                    drain_end = time.monotonic() + DRAIN_AFTER_EXIT_S
+                if drain_end is not None and time.monotonic() >= drain_end:
+                    break  # an escaped process still holds the pipe: stop waiting for it
+                ready, _, _ = select.select([fd], [], [], 0.1)
+                if not ready:
+                    continue
+                try:
+                    chunk = os.read(fd, 1 << 16)
+                except BlockingIOError:
+                    continue
+                if not chunk:
+                    break
+                self._consume(chunk)
+        finally:
+            self._finish_lines()
+            self._proc.stdout.close()
+            self._reader_done.set()
+            self._wake.set()  # EOF usually means the leader has exited
+
+    def _consume(self, chunk: bytes) -> None:
+        room = self.log_max_bytes - self._written
+        if room > 0:
+            self._log.write(chunk[:room])
+            self._written += min(room, len(chunk))
+        if len(chunk) > room and not self._truncated:
+            self._truncated = True
+            self._log.write(f"\n[autoresearch] log truncated at {self.log_max_bytes} bytes; "
+                            "the rest of the output is still read for the metric\n".encode())
+        self._log.flush()
+        self._tail += chunk
+        if len(self._tail) > TAIL_BYTES:
+            del self._tail[:-TAIL_BYTES]
+        # Scan only complete lines (a line split across reads must not half-match).
+        text = self._pending + chunk.decode("utf-8", "replace")
+        cut = text.rfind("\n") + 1
+        self._pending = text[cut:]
+        if len(self._pending) > TAIL_BYTES:  # a runaway line without newline: bound memory
+            self._pending = self._pending[-TAIL_BYTES:]
+        if cut:
+            self._scan(text[:cut])
+
+    def _scan(self, text: str) -> None:
+        for m in self._metric_re.finditer(text):
+            self._metric_m = m
+        if self._memory_re is not None:
+            for m in self._memory_re.finditer(text):
+                self._memory_m = m
+
+    def _finish_lines(self) -> None:
+        if self._pending:
+            self._scan(self._pending)
+            self._pending = ""
+
+    def _watch(self) -> None:
+        pid = self.pid
+        next_mem = 0.0
+        while True:
+            try:
+                # WNOWAIT: notice the exit but leave the zombie, which keeps the pgid reserved.
+                info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+            except ChildProcessError:
+                info = True
+            if info is not None:
+                break
+            now = time.monotonic()
+            with self._lock:
+                if self._killed is None and now - self._t0 > self.deadline_s:
+                    self._killed, self._term_at = "deadline", now
+                    _killpg(self.pgid, signal.SIGTERM)
+                if self._killed is None and self._memory_limit_mb and now >= next_mem:
+                    next_mem = now + MEMORY_CHECK_INTERVAL_S
+                    if self._over_memory():
+                        self._killed, self._term_at = "memory", now
+                        _killpg(self.pgid, signal.SIGKILL)  # no grace: the machine is at risk
+                if self._term_at is not None and now - self._term_at > GRACE_S:
+                    _killpg(self.pgid, signal.SIGKILL)
+            self._wake.wait(WATCH_INTERVAL_S)
+            self._wake.clear()
+        duration = time.monotonic() - self._t0
+        # The leader is gone: children that outlived it must not survive.
+        _killpg(self.pgid, signal.SIGKILL)
+        _wait_group_gone(self.pgid, 2.0)
+        self._proc.wait()  # reap; frees the pgid
+        self._leader_done.set()
+        self._reader_done.wait()
+        self._finalize(duration)
+
+    def _over_memory(self) -> bool:
+        members = group_members(self.pgid)
+        if _group_rss_mb(members) <= self._memory_limit_mb:
+            return False
+        # RSS double-counts pages shared by forked workers; PSS splits them fairly.
+        return _group_pss_mb(members) > self._memory_limit_mb
+
+    def _finalize(self, duration: float) -> None:
+        rc = self._proc.returncode
+        exit_code, sig = (rc, None) if rc >= 0 else (None, -rc)
+        killed = self._killed
+        how = f"exit code {exit_code}" if sig is None else f"signal {signal.Signals(sig).name}"
+        if killed:
+            how += f", killed: {killed}"
+        trailer = f"\n[autoresearch] run ended after {duration:.1f}s ({how})\n"
+        self._log.write(trailer.encode())
+        self._log.close()
+        metric = _match_value(self._metric_m)
+        mem = _match_value(self._memory_m)
+        tail = self._tail.decode("utf-8", "replace")[-RECORDED_TAIL_CHARS:]
+        if killed:
+            tail += trailer
+        result = RunResult(
+            exit_code=exit_code, signal=sig, timed_out=killed == "deadline", killed=killed,
+            metric=metric, memory_gb=None if mem is None else mem / 1024.0,
+            duration_s=duration, log_path=self.log_path, log_tail=tail,
+            log_truncated=self._truncated, sandbox=self.sandbox,
+        )
+        with self._lock:
+            self._result = result

@@ -1,0 +1,505 @@
+"""The workspace: a git repository the daemon owns (GitPython).
+
+Rollback is structural: the best commit is ``refs/autoresearch/best`` and every
+experiment's commit stays reachable as ``refs/autoresearch/exp/<N>``.
+Refs are read and written through GitPython's pure-Python ref code (no
+subprocess); worktree operations (commit/status/reset/clean/diff) use
+``repo.git``, one git subprocess each, which keeps an experiment's git
+overhead to a few tens of milliseconds.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Iterable, Mapping
+
+import git
+from git import Reference, Repo
+
+from .errors import ConfigError, WorkspaceError
+
+STATE_DIR = ".autoresearch"
+BEST_REF = "refs/autoresearch/best"
+EXP_PREFIX = "refs/autoresearch/exp"
+BRANCH_PREFIX = "autoresearch/"
+# Never editable, whatever the config says: the human's instructions and the config.
+PROTECTED = ("program.md", "autoresearch.toml")
+IDENTITY = ("autoresearch", "autoresearch@localhost")
+
+# Every git subprocess gets a fixed identity (works with no git identity
+# configured) and ignores user settings that would make a daemon commit hang or
+# run arbitrary code: signing (may prompt for a passphrase) and hooks.
+_GIT_ENV = {
+    "GIT_AUTHOR_NAME": IDENTITY[0],
+    "GIT_AUTHOR_EMAIL": IDENTITY[1],
+    "GIT_COMMITTER_NAME": IDENTITY[0],
+    "GIT_COMMITTER_EMAIL": IDENTITY[1],
+    "GIT_TERMINAL_PROMPT": "0",
+    "GIT_CONFIG_COUNT": "3",
+    "GIT_CONFIG_KEY_0": "commit.gpgsign",
+    "GIT_CONFIG_VALUE_0": "false",
+    "GIT_CONFIG_KEY_1": "core.hooksPath",
+    "GIT_CONFIG_VALUE_1": os.devnull,
+    "GIT_CONFIG_KEY_2": "core.quotePath",
+    "GIT_CONFIG_VALUE_2": "false",
+}
+
+# Read once at import (os.umask can only be read by setting it, which is not thread-safe).
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+_TAG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def _git_errors(fn):
+    """A failed git command becomes a one-line WorkspaceError (disk full, a foreign lock, ...)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except git.GitCommandError as exc:
+            detail = (exc.stderr or exc.stdout or "").strip().replace("\n", " ")
+            detail = detail.removeprefix("stderr: ").strip("'")
+            cmd = " ".join(str(a) for a in exc.command[:2]) if isinstance(exc.command, list) else "git"
+            raise WorkspaceError(f"{cmd} failed (exit {exc.status}): {detail}"[:500]) from None
+
+    return wrapper
+
+
+@dataclass(frozen=True)
+class Changes:
+    """Worktree vs HEAD (untracked, non-ignored files count as added)."""
+
+    modified: tuple[str, ...] = ()
+    added: tuple[str, ...] = ()
+    deleted: tuple[str, ...] = ()
+    head_moved: bool = False  # commits were made on top of the expected base
+
+    @property
+    def paths(self) -> tuple[str, ...]:
+        return tuple(sorted({*self.modified, *self.added, *self.deleted}))
+
+    def __bool__(self) -> bool:
+        return bool(self.modified or self.added or self.deleted or self.head_moved)
+
+
+@dataclass
+class Workspace:
+    root: Path
+    repo: Repo
+    editable: tuple[str, ...] = field(default_factory=tuple)
+
+    # ------------------------------------------------------------------ open/create
+    @classmethod
+    @_git_errors
+    def create(
+        cls,
+        root: Path | str,
+        files: Mapping[str, str],
+        tag: str,
+        config_text: str | None = None,
+        editable: tuple[str, ...] | None = None,
+    ) -> "Workspace":
+        """Create a new workspace at ``root`` (must not exist or be empty).
+
+        Writes ``files`` (+ ``autoresearch.toml`` = ``config_text`` when given)
+        and ``.gitignore``, commits them on branch ``autoresearch/<tag>`` and
+        points ``refs/autoresearch/best`` at that commit. ``editable``
+        defaults to every file except program.md / autoresearch.toml.
+        On failure nothing is left behind.
+        """
+        root = Path(root)
+        if not _TAG_RE.match(tag) or ".." in tag or tag.endswith(".lock"):
+            raise WorkspaceError(f"invalid tag {tag!r}: use letters, digits, '.', '_' and '-'")
+        if root.exists() and (not root.is_dir() or any(root.iterdir())):
+            raise WorkspaceError(f"{root} already exists and is not empty")
+        all_files = dict(files)
+        if config_text is not None:
+            all_files["autoresearch.toml"] = config_text
+        for rel in all_files:
+            _check_relpath(rel, WorkspaceError)
+        if editable is None:
+            editable = tuple(p for p in files if p not in PROTECTED and p != ".gitignore")
+        _check_editable(tuple(editable))
+        gitignore = all_files.get(".gitignore", "")
+        if STATE_DIR + "/" not in gitignore.splitlines():
+            gitignore += ("\n" if gitignore and not gitignore.endswith("\n") else "") + STATE_DIR + "/\n"
+        all_files[".gitignore"] = gitignore
+        existed = root.exists()
+        root.mkdir(parents=True, exist_ok=True)
+        repo = None
+        try:
+            repo = Repo.init(root)
+            repo.git.update_environment(**_GIT_ENV)
+            # Name the branch before the first commit so no master/main is left behind.
+            repo.git.symbolic_ref("HEAD", f"refs/heads/{BRANCH_PREFIX}{tag}")
+            for rel, text in all_files.items():
+                _atomic_write(root / rel, text)
+            repo.git.add("-A", "--", *all_files)
+            repo.git.commit("-q", "--no-verify", "-m", f"autoresearch: initial workspace ({tag})")
+            ws = cls(root=root.resolve(), repo=repo, editable=tuple(editable))
+            ws.set_best(ws.head())
+        except BaseException:
+            # Leave nothing half-made: the directory was empty or absent before.
+            if repo is not None:
+                repo.close()
+            if existed:
+                for child in root.iterdir():
+                    if child.is_dir() and not child.is_symlink():
+                        shutil.rmtree(child)
+                    else:
+                        child.unlink()
+            else:
+                shutil.rmtree(root, ignore_errors=True)
+            raise
+        return ws
+
+    @classmethod
+    @_git_errors
+    def open(cls, root: Path | str, editable: Iterable[str] = ()) -> "Workspace":
+        """Open an existing workspace: the top level of a non-bare repo with commits, on a branch.
+
+        Raises WorkspaceError (unusable repo) or ConfigError (bad editable list).
+        Makes sure `.autoresearch/` is ignored, via .git/info/exclude when the
+        repo's own ignore files do not say so (the user's tracked files are never changed).
+        """
+        root = Path(root)
+        if not root.is_dir():
+            raise WorkspaceError(f"{root}: no such directory")
+        try:
+            repo = Repo(root)
+        except (git.InvalidGitRepositoryError, git.NoSuchPathError):
+            raise WorkspaceError(
+                f"{root} is not the top level of a git repository (use `autoresearch init`)"
+            ) from None
+        try:
+            if repo.bare:
+                raise WorkspaceError(f"{root} is a bare git repository; a workspace needs a worktree")
+            if not repo.head.is_valid():
+                raise WorkspaceError(f"{root}: the repository has no commits yet; commit your files first")
+            if repo.head.is_detached:
+                raise WorkspaceError(f"{root}: HEAD is detached; check out a branch first")
+            repo.git.update_environment(**_GIT_ENV)
+            ws = cls(root=Path(repo.working_tree_dir).resolve(), repo=repo, editable=tuple(editable))
+            _check_editable(ws.editable)
+            ws._ensure_state_dir_ignored()
+            if repo.git.ls_files("--", STATE_DIR):
+                raise WorkspaceError(
+                    f"files under {STATE_DIR}/ are tracked by git; untrack them: "
+                    f"git rm -r --cached {STATE_DIR}"
+                )
+            head_tree = repo.head.commit.tree
+            for rel in ws.editable:
+                try:
+                    head_tree / rel
+                except KeyError:
+                    raise WorkspaceError(f"editable file {rel} is not committed in {root}") from None
+        except BaseException:
+            repo.close()
+            raise
+        return ws
+
+    def close(self) -> None:
+        """Stop GitPython's persistent cat-file helpers."""
+        self.repo.close()
+
+    def _ensure_state_dir_ignored(self) -> None:
+        # Exit status 0 = ignored already (by .gitignore, info/exclude or a global excludesFile).
+        status, _, _ = self.repo.git.check_ignore("-q", STATE_DIR + "/", with_extended_output=True,
+                                                   with_exceptions=False)
+        if status == 0:
+            return
+        exclude = Path(self.repo.common_dir) / "info" / "exclude"
+        exclude.parent.mkdir(parents=True, exist_ok=True)
+        old = exclude.read_text() if exclude.exists() else ""
+        sep = "" if not old or old.endswith("\n") else "\n"
+        _atomic_write(exclude, f"{old}{sep}{STATE_DIR}/\n")
+
+    # ------------------------------------------------------------------ refs
+    @property
+    def state_dir(self) -> Path:
+        path = self.root / STATE_DIR
+        path.mkdir(exist_ok=True)
+        return path
+
+    @property
+    def branch(self) -> str | None:
+        head = self.repo.head
+        return None if head.is_detached else head.reference.name
+
+    def head(self) -> str:
+        return self.repo.head.commit.hexsha
+
+    def _get_ref(self, path: str) -> str | None:
+        ref = Reference(self.repo, path, check_path=False)
+        try:
+            return ref.commit.hexsha
+        except ValueError:  # no such ref
+            return None
+
+    def _set_ref(self, path: str, sha: str) -> None:
+        Reference.create(self.repo, path, sha, force=True)
+
+    def best(self) -> str | None:
+        return self._get_ref(BEST_REF)
+
+    def set_best(self, sha: str) -> None:
+        self._set_ref(BEST_REF, sha)
+
+    def exp_ref(self, n: int) -> str | None:
+        return self._get_ref(f"{EXP_PREFIX}/{int(n)}")
+
+    def set_exp_ref(self, n: int, sha: str) -> None:
+        self._set_ref(f"{EXP_PREFIX}/{int(n)}", sha)
+
+    def all_exp_refs(self) -> dict[int, str]:
+        out: dict[int, str] = {}
+        for ref in Reference.iter_items(self.repo, common_path=EXP_PREFIX):
+            name = ref.path.rsplit("/", 1)[-1]
+            if name.isdigit():
+                out[int(name)] = ref.commit.hexsha
+        return dict(sorted(out.items()))
+
+    # ------------------------------------------------------------------ worktree state
+    def _status(self) -> list[tuple[str, str]]:
+        """(XY, path) from `git status --porcelain -z` (renames split into D + A)."""
+        raw = self.repo.git.status("--porcelain", "-z", "--untracked-files=all",
+                                   "--ignore-submodules=none", strip_newline_in_stdout=False)
+        items = raw.split("\0")
+        out: list[tuple[str, str]] = []
+        i = 0
+        while i < len(items):
+            entry = items[i]
+            i += 1
+            if len(entry) < 4:
+                continue
+            xy, path = entry[:2], entry[3:]
+            if "R" in xy or "C" in xy:  # the original path follows as its own field
+                orig = items[i]
+                i += 1
+                if "R" in xy:
+                    out.append(("D ", orig))
+                out.append(("A ", path))
+            else:
+                out.append((xy, path))
+        return out
+
+    @_git_errors
+    def user_changes(self) -> list[str]:
+        """Uncommitted changes (tracked edits, staged, deletions, untracked files): "XY path"."""
+        return [f"{xy.strip() or '?'} {path}" for xy, path in self._status()]
+
+    @_git_errors
+    def changes(self, base: str | None = None) -> Changes:
+        """Worktree vs HEAD, untracked files included.
+
+        With ``base``, commits made on top of ``base`` (e.g. by an agent that
+        ran `git commit` itself) are included too and ``head_moved`` is set.
+        """
+        modified: set[str] = set()
+        added: set[str] = set()
+        deleted: set[str] = set()
+        for xy, path in self._status():
+            if xy == "??" or "A" in xy:
+                added.add(path)
+            elif "D" in xy:
+                deleted.add(path)
+            else:
+                modified.add(path)
+        head_moved = base is not None and base != self.head()
+        if head_moved:
+            raw = self.repo.git.diff("--name-status", "--no-renames", "-z", base, "HEAD")
+            parts = raw.split("\0")
+            for status, path in zip(parts[::2], parts[1::2]):
+                {"A": added, "D": deleted}.get(status[:1], modified).add(path)
+        return Changes(tuple(sorted(modified - added - deleted)), tuple(sorted(added - deleted)),
+                       tuple(sorted(deleted - added)), head_moved)
+
+    def scope_violations(self, changes: Changes) -> list[str]:
+        """Human-readable violations, ``"<kind>: <path>"``; empty = within scope.
+
+        Anything but an edit of an editable file is a violation: new files,
+        deletions (of editable files too), program.md, the config, .gitignore,
+        anything under .autoresearch/, commits made by the proposal itself.
+        """
+        editable = set(self.editable)
+        out = ["HEAD moved: the proposal made its own commits"] if changes.head_moved else []
+        for kind, paths in (("modified", changes.modified), ("added", changes.added),
+                            ("deleted", changes.deleted)):
+            for path in paths:
+                if path.split("/")[0] == STATE_DIR:
+                    out.append(f"{kind} (state directory): {path}")
+                elif path not in editable:
+                    out.append(f"{kind}: {path}")
+                elif kind == "deleted":
+                    out.append(f"deleted editable file: {path}")
+        return out
+
+    # ------------------------------------------------------------------ files
+    def read_files(self) -> dict[str, str]:
+        """The editable files' worktree content (exact text: newlines are not translated)."""
+        out = {}
+        for rel in self.editable:
+            try:
+                with open(self.root / rel, encoding="utf-8", newline="") as f:
+                    out[rel] = f.read()
+            except FileNotFoundError:
+                raise WorkspaceError(f"editable file {rel} is missing from the workspace") from None
+        return out
+
+    def write_files(self, files: Mapping[str, str]) -> None:
+        """Write editable files, each atomically (temp file + rename); ValueError for others."""
+        bad = [p for p in files if p not in self.editable]
+        if bad:
+            raise ValueError(f"not editable: {', '.join(sorted(bad))}")
+        for rel, text in files.items():
+            _atomic_write(self.root / rel, text)
+
+    def file_hash(self, path: str) -> str:
+        """SHA-256 of the worktree file (recorded at commit, checked before launch)."""
+        h = hashlib.sha256()
+        with open(self.root / path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        return h.hexdigest()
+
+    def files_at(self, sha: str, paths: Iterable[str] | None = None) -> dict[str, str]:
+        """Content of ``paths`` (default: the editable files) in commit ``sha``; absent ones omitted."""
+        tree = self.repo.commit(sha).tree
+        out = {}
+        for rel in paths if paths is not None else self.editable:
+            try:
+                out[rel] = (tree / rel).data_stream.read().decode("utf-8")
+            except KeyError:
+                continue
+        return out
+
+    def commit_matches(self, sha: str, files: Mapping[str, str], parent: str | None = None) -> bool:
+        """True if commit ``sha`` holds exactly ``files`` (and has ``parent``, if given).
+
+        Compares git blob ids computed locally, so no content is read back.
+        Used to reconcile a commit made just before the daemon died (its event
+        never written): is HEAD / exp ref N already the recorded proposal?
+        """
+        try:
+            commit = self.repo.commit(sha)
+            if parent is not None and [p.hexsha for p in commit.parents] != [parent]:
+                return False
+            tree = commit.tree
+        except (ValueError, git.BadName):  # no such commit
+            return False
+        for rel, text in files.items():
+            try:
+                blob = tree / rel
+            except KeyError:
+                return False
+            if blob.hexsha != blob_sha(text):
+                return False
+        return True
+
+    # ------------------------------------------------------------------ history-changing
+    @_git_errors
+    def commit(self, message: str) -> str:
+        """Commit only the editable files' current content on top of HEAD; returns the sha."""
+        # With a pathspec git commits exactly those paths' worktree content (--only, the
+        # default), whatever else is staged; no separate `git add` needed (the editable
+        # files are tracked: open() checks they are committed).
+        self.repo.git.commit("-q", "--no-verify", "--allow-empty", "-m", message, "--", *self.editable)
+        return self.head()
+
+    @_git_errors
+    def reset_hard(self, sha: str) -> None:
+        """Branch + index + worktree to ``sha``; remove untracked, non-ignored files.
+
+        `git clean` without -x never touches ignored paths, so .autoresearch/ survives.
+        """
+        self.repo.git.reset("-q", "--hard", sha)
+        self.repo.git.clean("-q", "-f", "-d")
+
+    @_git_errors
+    def numstat(self, a: str, b: str) -> tuple[int, int]:
+        """(lines added, lines removed) from commit a to commit b (binary files count 0)."""
+        added = removed = 0
+        for line in self.repo.git.diff("--numstat", a, b).splitlines():
+            parts = line.split("\t")
+            if len(parts) >= 3 and parts[0].isdigit() and parts[1].isdigit():
+                added += int(parts[0])
+                removed += int(parts[1])
+        return added, removed
+
+    @_git_errors
+    def diff(self, a: str, b: str) -> str:
+        """Unified diff from commit a to commit b."""
+        return self.repo.git.diff(a, b, strip_newline_in_stdout=False)
+
+    def clear_stale_locks(self) -> list[str]:
+        """Remove git lock files left by a killed process; returns the removed paths.
+
+        Only call while holding the workspace lock: then no live git process of
+        ours can own them.
+        """
+        gitdir = Path(self.repo.git_dir)
+        removed = []
+        candidates = [gitdir / n for n in ("index.lock", "HEAD.lock", "ORIG_HEAD.lock",
+                                           "packed-refs.lock", "config.lock", "shallow.lock")]
+        for sub in ("refs", "logs"):
+            if (gitdir / sub).is_dir():
+                candidates.extend((gitdir / sub).rglob("*.lock"))
+        for path in candidates:
+            try:
+                path.unlink()
+                removed.append(str(path))
+            except FileNotFoundError:
+                pass
+        return removed
+
+
+# ---------------------------------------------------------------------- helpers
+def blob_sha(text: str) -> str:
+    """The git blob id of ``text`` encoded as UTF-8 (what `git hash-object` prints)."""
+    data = text.encode("utf-8")
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+def _check_editable(editable: tuple[str, ...]) -> None:
+    if not editable:
+        raise ConfigError("run.editable is empty: name at least one editable file")
+    for rel in editable:
+        _check_relpath(rel, ConfigError)
+        if rel in PROTECTED or rel == ".gitignore" or rel.split("/")[0] in (STATE_DIR, ".git"):
+            raise ConfigError(f"run.editable lists {rel}, which is never editable")
+
+
+def _check_relpath(rel: str, exc: type[Exception]) -> None:
+    p = PurePosixPath(rel)
+    if not rel or p.is_absolute() or ".." in p.parts or "\\" in rel or str(p) != rel:
+        raise exc(f"bad file path {rel!r}: use a normalised path relative to the workspace")
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    """Write via a temp file + rename so a reader never sees a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        mode = os.stat(path).st_mode & 0o7777
+    except FileNotFoundError:
+        mode = 0o666 & ~_UMASK
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+        os.chmod(tmp, mode)  # keep e.g. the executable bit, so git sees no mode change
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise

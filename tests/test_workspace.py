@@ -1,0 +1,312 @@
+"""workspace.py against real git repositories (all under pytest's tmp_path)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from autoresearch.errors import ConfigError, WorkspaceError
+from autoresearch.workspace import BEST_REF, Changes, Workspace, blob_sha
+
+TRAIN = "LR = 0.04\nDEPTH = 4\nprint('val_bpb: 1.0')\n"
+FILES = {"train.py": TRAIN, "program.md": "Make it better.\n"}
+CONFIG = '[run]\ncommand = "python train.py"\neditable = ["train.py"]\n'
+
+
+@pytest.fixture(autouse=True)
+def no_git_identity(tmp_path_factory, monkeypatch):
+    """A machine with no git identity and no global config: commits must still work."""
+    home = tmp_path_factory.mktemp("home")
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("GIT_CONFIG_GLOBAL", os.devnull)
+    monkeypatch.setenv("GIT_CONFIG_NOSYSTEM", "1")
+    for var in ("GIT_AUTHOR_NAME", "GIT_AUTHOR_EMAIL", "GIT_COMMITTER_NAME", "GIT_COMMITTER_EMAIL",
+                "EMAIL", "GIT_DIR", "GIT_WORK_TREE"):
+        monkeypatch.delenv(var, raising=False)
+
+
+def git(root: Path, *args: str) -> str:
+    """Plain git as the user would run it (with an identity of its own)."""
+    return subprocess.run(["git", "-C", str(root), *args], check=True, capture_output=True,
+                          text=True, env={**os.environ, "GIT_AUTHOR_NAME": "u",
+                                          "GIT_AUTHOR_EMAIL": "u@x", "GIT_COMMITTER_NAME": "u",
+                                          "GIT_COMMITTER_EMAIL": "u@x"}).stdout
+
+
+@pytest.fixture
+def ws(tmp_path) -> Workspace:
+    Workspace.create(tmp_path / "lab", FILES, "t1", config_text=CONFIG).close()
+    w = Workspace.open(tmp_path / "lab", ("train.py",))
+    yield w
+    w.close()
+
+
+def _write(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("x\n")
+
+
+def _force_add_state_file(root: Path) -> None:
+    _write(root / ".autoresearch" / "f")
+    git(root, "add", "-f", ".autoresearch/f")
+
+
+# ------------------------------------------------------------------ create / open
+def test_create_lays_out_a_workspace(ws):
+    root = ws.root
+    assert ws.branch == "autoresearch/t1"
+    assert git(root, "branch", "--list").split() == ["*", "autoresearch/t1"]  # no master/main
+    assert (root / ".gitignore").read_text().splitlines() == [".autoresearch/"]
+    assert (root / "autoresearch.toml").read_text() == CONFIG
+    assert ws.best() == ws.head()
+    assert git(root, "rev-parse", BEST_REF).strip() == ws.head()
+    assert git(root, "log", "-1", "--format=%an <%ae>|%cn <%ce>").strip() == \
+        "autoresearch <autoresearch@localhost>|autoresearch <autoresearch@localhost>"
+    assert sorted(git(root, "ls-files").split()) == [".gitignore", "autoresearch.toml",
+                                                      "program.md", "train.py"]
+    assert ws.user_changes() == []
+    (ws.state_dir / "events.sqlite").write_text("x")
+    assert ws.user_changes() == []  # the state dir is ignored
+
+
+def test_create_refuses_non_empty_dir_bad_tag_and_bad_editable(tmp_path):
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("mine")
+    with pytest.raises(WorkspaceError, match="not empty"):
+        Workspace.create(tmp_path / "full", FILES, "t")
+    assert os.listdir(tmp_path / "full") == ["x"]
+    with pytest.raises(WorkspaceError, match="invalid tag"):
+        Workspace.create(tmp_path / "new", FILES, "bad tag/..")
+    with pytest.raises(ConfigError, match="never editable"):
+        Workspace.create(tmp_path / "new", FILES, "t", editable=("program.md",))
+    assert not (tmp_path / "new").exists()  # nothing half-made
+    (tmp_path / "empty").mkdir()
+    Workspace.create(tmp_path / "empty", FILES, "t").close()  # an empty dir is fine
+
+
+def test_open_errors_are_one_line(tmp_path):
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    empty = tmp_path / "empty"
+    git(tmp_path, "init", "-q", str(empty))
+    bare = tmp_path / "bare.git"
+    git(tmp_path, "init", "-q", "--bare", str(bare))
+    cases = [(plain, "not the top level of a git repository"),
+             (tmp_path / "missing", "no such directory"),
+             (empty, "no commits"), (bare, "bare")]
+    for root, msg in cases:
+        with pytest.raises(WorkspaceError, match=msg) as info:
+            Workspace.open(root, ("train.py",))
+        assert "\n" not in str(info.value)
+
+
+def test_open_refuses_detached_head_and_bad_editable(ws):
+    root = ws.root
+    for editable, msg in [(("program.md",), "never editable"),
+                          (("autoresearch.toml",), "never editable"),
+                          (("train.py", ".autoresearch/x"), "never editable"),
+                          (("../etc/passwd",), "bad file path"), ((), "empty")]:
+        with pytest.raises(ConfigError, match=msg):
+            Workspace.open(root, editable)
+    with pytest.raises(WorkspaceError, match="not committed"):
+        Workspace.open(root, ("other.py",))
+    git(root, "checkout", "-q", "--detach")
+    with pytest.raises(WorkspaceError, match="detached"):
+        Workspace.open(root, ("train.py",))
+
+
+def test_open_existing_repo_excludes_state_dir_without_touching_tracked_files(tmp_path):
+    root = tmp_path / "repo"
+    git(tmp_path, "init", "-q", str(root))
+    git(root, "symbolic-ref", "HEAD", "refs/heads/trunk")
+    (root / "train.py").write_text(TRAIN)
+    (root / ".gitignore").write_text("*.pyc\n")
+    git(root, "add", "-A")
+    git(root, "commit", "-q", "-m", "user commit")
+    w = Workspace.open(root, ("train.py",))
+    try:
+        assert (root / ".gitignore").read_text() == "*.pyc\n"
+        assert ".autoresearch/" in (root / ".git" / "info" / "exclude").read_text()
+        (w.state_dir / "events.sqlite").write_text("x")
+        assert w.user_changes() == []
+        assert w.best() is None and w.branch == "trunk"
+    finally:
+        w.close()
+    Workspace.open(root, ("train.py",)).close()  # opening again does not add the line twice
+    assert (root / ".git" / "info" / "exclude").read_text().count(".autoresearch/") == 1
+
+
+def test_open_refuses_tracked_state_dir(tmp_path):
+    root = tmp_path / "repo"
+    git(tmp_path, "init", "-q", str(root))
+    (root / "train.py").write_text(TRAIN)
+    _write(root / ".autoresearch" / "old.log")
+    git(root, "add", "-A")
+    git(root, "commit", "-q", "-m", "oops")
+    with pytest.raises(WorkspaceError, match="tracked by git"):
+        Workspace.open(root, ("train.py",))
+
+
+# ------------------------------------------------------------------ user changes / scope
+def test_user_changes_of_every_kind(ws):
+    root = ws.root
+    (root / "train.py").write_text("edited\n")
+    (root / "notes.txt").write_text("untracked\n")
+    (root / "program.md").unlink()
+    (root / "autoresearch.toml").write_text(CONFIG + "\n# staged\n")
+    git(root, "add", "autoresearch.toml")
+    got = {line.split()[-1] for line in ws.user_changes()}
+    assert got == {"train.py", "notes.txt", "program.md", "autoresearch.toml"}
+
+
+@pytest.mark.parametrize("act,expected", [
+    (lambda r: (r / "train.py").write_text("LR = 1\n"), []),
+    (lambda r: (r / "program.md").write_text("do evil\n"), ["modified: program.md"]),
+    (lambda r: (r / "autoresearch.toml").write_text("[run]\n"), ["modified: autoresearch.toml"]),
+    (lambda r: (r / "new.py").write_text("x\n"), ["added: new.py"]),
+    (lambda r: _write(r / "sub" / "deep.py"), ["added: sub/deep.py"]),
+    (lambda r: (r / "train.py").unlink(), ["deleted editable file: train.py"]),
+    (lambda r: (r / ".gitignore").unlink(), ["deleted: .gitignore"]),
+    (_force_add_state_file, ["added (state directory): .autoresearch/f"]),
+    (lambda r: git(r, "mv", "program.md", "prog2.md"), ["added: prog2.md", "deleted: program.md"]),
+], ids=["editable", "program", "config", "new-file", "new-dir", "delete-editable",
+        "delete-gitignore", "state-dir", "rename"])
+def test_scope_violations(ws, act, expected):
+    act(ws.root)
+    ch = ws.changes(base=ws.best())
+    assert isinstance(ch, Changes) and bool(ch)
+    assert sorted(ws.scope_violations(ch)) == sorted(expected)
+    # Rollback restores the workspace whatever the proposal did.
+    ws.reset_hard(ws.best())
+    assert ws.user_changes() == [] and ws.read_files() == {"train.py": TRAIN}
+    assert not ws.changes()
+
+
+def test_a_proposal_that_commits_by_itself_is_caught(ws):
+    base = ws.head()
+    (ws.root / "program.md").write_text("sneaky\n")
+    git(ws.root, "commit", "-qam", "agent commit")
+    assert not ws.changes()  # clean against the new HEAD...
+    ch = ws.changes(base=base)  # ...but not against the commit the daemon expects
+    assert ch.head_moved and "program.md" in ch.modified
+    assert ws.scope_violations(ch)[0].startswith("HEAD moved")
+    ws.reset_hard(base)
+    assert ws.head() == base and not ws.changes(base=base)
+
+
+# ------------------------------------------------------------------ files
+def test_write_and_read_files(ws):
+    os.chmod(ws.root / "train.py", 0o755)
+    git(ws.root, "commit", "-qam", "exec bit")
+    ws.write_files({"train.py": "LR = 0.1\r\nX = 'é'\n"})
+    assert ws.read_files() == {"train.py": "LR = 0.1\r\nX = 'é'\n"}  # text kept exactly
+    assert os.stat(ws.root / "train.py").st_mode & 0o777 == 0o755  # mode kept
+    assert not list(ws.root.glob(".train.py.*"))  # no temp file left behind
+    with pytest.raises(ValueError, match="not editable"):
+        ws.write_files({"program.md": "x"})
+    assert (ws.root / "program.md").read_text() == FILES["program.md"]
+
+
+def test_file_hash_and_commit_matches(ws):
+    assert ws.file_hash("train.py") == hashlib.sha256(TRAIN.encode()).hexdigest()
+    assert blob_sha(TRAIN) == git(ws.root, "rev-parse", "HEAD:train.py").strip()
+    base = ws.head()
+    ws.write_files({"train.py": "LR = 0.2\n"})
+    sha = ws.commit("exp 1")
+    assert ws.commit_matches(sha, {"train.py": "LR = 0.2\n"}, parent=base)
+    assert not ws.commit_matches(sha, {"train.py": "LR = 0.3\n"})
+    assert not ws.commit_matches(sha, {"train.py": "LR = 0.2\n"}, parent=sha)
+    assert not ws.commit_matches("0" * 40, {"train.py": "LR = 0.2\n"})
+    assert ws.files_at(base) == {"train.py": TRAIN}
+
+
+# ------------------------------------------------------------------ commit / rollback / refs
+def test_commit_takes_only_editable_files(ws):
+    base = ws.head()
+    ws.write_files({"train.py": "LR = 0.5\n"})
+    (ws.root / "stray.txt").write_text("not mine")
+    (ws.root / "program.md").write_text("human edit in progress\n")
+    git(ws.root, "add", "program.md")  # even staged, it stays out of the daemon's commit
+    sha = ws.commit("exp 1: LR 0.04 -> 0.5")
+    assert sha == ws.head() != base
+    assert git(ws.root, "rev-parse", f"{sha}^").strip() == base
+    assert git(ws.root, "show", "--name-only", "--format=", sha).split() == ["train.py"]
+    assert git(ws.root, "log", "-1", "--format=%s").strip() == "exp 1: LR 0.04 -> 0.5"
+    assert ws.branch == "autoresearch/t1"
+
+
+def test_reset_hard_removes_untracked_but_keeps_ignored(ws):
+    (ws.state_dir / "events.sqlite").write_text("precious")
+    (ws.root / ".gitignore").write_text(".autoresearch/\n*.cache\n")
+    git(ws.root, "commit", "-qam", "ignore caches")
+    base = ws.head()
+    ws.set_best(base)
+    (ws.root / "data.cache").write_text("ignored, kept")
+    ws.write_files({"train.py": "LR = 9\n"})
+    sha = ws.commit("exp")
+    _write(ws.root / "junk" / "a.py")
+    ws.reset_hard(ws.best())
+    assert ws.head() == base and ws.read_files() == {"train.py": TRAIN}
+    assert not (ws.root / "junk").exists()
+    assert (ws.state_dir / "events.sqlite").read_text() == "precious"
+    assert (ws.root / "data.cache").read_text() == "ignored, kept"
+    assert git(ws.root, "cat-file", "-t", sha).strip() == "commit"  # still in the object store
+
+
+def test_refs_numstat_and_diff(ws):
+    base = ws.head()
+    assert ws.exp_ref(1) is None and ws.all_exp_refs() == {}
+    shas = {}
+    for n in (1, 2, 10):
+        ws.write_files({"train.py": TRAIN + f"EXTRA_{n} = {n}\n"})
+        shas[n] = ws.commit(f"exp {n}")
+        ws.set_exp_ref(n, shas[n])
+        ws.reset_hard(base)
+    assert ws.all_exp_refs() == shas and ws.exp_ref(10) == shas[10]
+    assert git(ws.root, "rev-parse", "refs/autoresearch/exp/2").strip() == shas[2]
+    ws.set_best(shas[2])
+    assert ws.best() == shas[2]
+    ws.write_files({"train.py": "LR = 0.04\n"})
+    sha = ws.commit("shrink")
+    assert ws.numstat(base, sha) == (0, 2)
+    assert ws.numstat(base, shas[1]) == (1, 0)
+    d = ws.diff(base, shas[1])
+    assert "+EXTRA_1 = 1" in d and d.startswith("diff --git a/train.py b/train.py")
+    git(ws.root, "pack-refs", "--all")  # packed refs are read too
+    assert ws.all_exp_refs() == shas and ws.best() == shas[2]
+
+
+def test_clear_stale_locks(ws):
+    gitdir = ws.root / ".git"
+    (gitdir / "index.lock").write_text("")
+    (gitdir / "refs" / "heads" / "autoresearch" / "t1.lock").write_text("")
+    ws.write_files({"train.py": "LR = 3\n"})
+    with pytest.raises(WorkspaceError, match="index.lock") as info:
+        ws.commit("blocked by a dead process's lock")
+    assert "\n" not in str(info.value)
+    assert len(ws.clear_stale_locks()) == 2
+    sha = ws.commit("works now")
+    assert ws.head() == sha and ws.clear_stale_locks() == []
+
+
+def test_git_overhead_per_experiment(ws):
+    """write + scope check + commit + ref + numstat + rollback: the daemon's git work."""
+    best = ws.best()
+    times = []
+    for n in range(1, 16):
+        t0 = time.perf_counter()
+        ws.write_files({"train.py": TRAIN.replace("0.04", f"0.{n:02d}")})
+        assert ws.scope_violations(ws.changes(base=best)) == []
+        sha = ws.commit(f"exp {n}")
+        ws.set_exp_ref(n, sha)
+        ws.numstat(best, sha)
+        ws.reset_hard(best)
+        times.append(time.perf_counter() - t0)
+    # Typically ~20 ms here; the bound leaves room for a loaded CI machine.
+    assert statistics.median(times) < 0.15, times
