@@ -10,8 +10,8 @@ import pytest
 from autoresearch.config import AnthropicConfig, Prices
 from autoresearch.proposers.anthropic import AnthropicProposer
 from autoresearch.proposers.base import NoEdit, ProposerAuthError
-from tests.anthropic_fake import (FakeAnthropic, editor, error_reply, finish, text_reply,
-                                  tool_reply, tweak_constant, usage)
+from tests.anthropic_fake import (FakeAnthropic, Reply, editor, error_reply, finish, message,
+                                  text_reply, tool_reply, tweak_constant, usage)
 from tests.proposer_fixtures import TRAIN_PY, make_ctx, make_workspace
 
 KEY = "sk-ant-api03-test-key-0123456789"
@@ -143,6 +143,17 @@ def test_writes_outside_editable_files_are_refused_and_not_applied(api, lab):
     assert (ws / "prepare.py").read_text() == "# read-only harness entry\nSEED = 42\n"
     assert not (ws / "evil.py").exists()
     assert (harness / "harness.py").read_text().startswith("def evaluate_bpb")
+
+
+def test_tool_calls_cut_off_at_max_tokens_are_not_executed(api, lab):
+    ws, harness = lab
+    truncated = editor("str_replace", path="train.py", old_str="def schedule(step):")  # new_str lost
+    api.push(Reply(body=message([truncated], stop_reason="max_tokens")), good_edit(),
+             tool_reply(finish("lr")))
+    prop = proposer().propose(make_ctx(ws, harness))
+    (result,) = api.requests[1].tool_results()
+    assert result["is_error"] and "max_tokens" in result["content"]
+    assert "def schedule(step):" in prop.files["train.py"]
 
 
 def test_create_replaces_the_editable_file(api, lab):

@@ -313,6 +313,9 @@ class AnthropicProposer:
         """Run the reply's tool calls in order. Returns (assistant content to replay,
         tool results, texts, the finish description or None)."""
         content, results, texts, finished = [], [], [], None
+        # A reply cut off at max_tokens may carry a tool call with truncated input (a
+        # str_replace missing its new_str would delete code): run none of its calls.
+        cut_off = reply.stop_reason == "max_tokens"
         for block in reply.content:
             if block.type == "text":
                 content.append({"type": "text", "text": block.text})
@@ -320,7 +323,10 @@ class AnthropicProposer:
             elif block.type == "tool_use":
                 content.append({"type": "tool_use", "id": block.id, "name": block.name,
                                 "input": block.input})
-                result = self._tool(session, block)
+                result = self._tool(session, block) if not cut_off else {
+                    "type": "tool_result", "tool_use_id": block.id, "is_error": True,
+                    "content": "Your reply hit max_tokens, so this call may be incomplete; it was "
+                               "not executed. Make smaller edits."}
                 if block.name == "finish" and not result.get("is_error"):
                     finished = block.input.get("description", "") if isinstance(block.input, dict) else ""
                 results.append(result)
