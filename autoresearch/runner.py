@@ -166,12 +166,13 @@ def netns_prefix() -> list[str] | None:
 # group). Bringing the namespace's own loopback up lets a workload talk to itself
 # on 127.0.0.1 (e.g. torch.distributed's rendezvous) while the host stays unreachable.
 _LOOPBACK_UP = """
-import fcntl, os, socket, struct, sys
+import _socket, fcntl, os, sys  # _socket, not socket: the full module doubles start-up time
 try:
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    req = struct.pack("16sh", b"lo", 0).ljust(40, b"\\0")
-    flags = struct.unpack_from("16sh", fcntl.ioctl(s, 0x8913, req))[1]  # SIOCGIFFLAGS
-    fcntl.ioctl(s, 0x8914, struct.pack("16sh", b"lo", flags | 1).ljust(40, b"\\0"))  # IFF_UP
+    s = _socket.socket(2, 2)  # AF_INET, SOCK_DGRAM: any socket will do for the ioctl
+    req = b"lo".ljust(40, b"\\0")  # struct ifreq: name[16] + flags (short) + padding
+    flags = int.from_bytes(fcntl.ioctl(s.fileno(), 0x8913, req)[16:18], sys.byteorder)
+    up = b"lo".ljust(16, b"\\0") + (flags | 1).to_bytes(2, sys.byteorder)  # IFF_UP
+    fcntl.ioctl(s.fileno(), 0x8914, up.ljust(40, b"\\0"))  # SIOCGIFFLAGS / SIOCSIFFLAGS
     s.close()
 except OSError:
     pass
@@ -404,6 +405,7 @@ class Run:
         self._leader_done = threading.Event()
         self._reader_done = threading.Event()
         self._wake = threading.Event()  # EOF or kill(): the watcher looks now, not at its next tick
+        self._done = threading.Event()
 
     @classmethod
     def start(
@@ -497,11 +499,8 @@ class Run:
 
     def wait(self, timeout: float | None = None) -> RunResult | None:
         """Block until the result is ready (tests and tools; the daemon uses poll)."""
-        end = None if timeout is None else time.monotonic() + timeout
-        while self._result is None:
-            if end is not None and time.monotonic() >= end:
-                break
-            time.sleep(0.01)
+        if self._result is None:
+            self._done.wait(timeout)
         return self._result
 
     # -------------------------------------------------------------- threads
@@ -587,7 +586,8 @@ class Run:
                         _killpg(self.pgid, signal.SIGKILL)  # no grace: the machine is at risk
                 if self._term_at is not None and now - self._term_at > GRACE_S:
                     _killpg(self.pgid, signal.SIGKILL)
-            self._wake.wait(WATCH_INTERVAL_S)
+            # After EOF the leader is normally exiting: look again soon, not at the next tick.
+            self._wake.wait(0.002 if self._reader_done.is_set() else WATCH_INTERVAL_S)
             self._wake.clear()
         duration = time.monotonic() - self._t0
         # The leader is gone: children that outlived it must not survive.
@@ -628,3 +628,4 @@ class Run:
         )
         with self._lock:
             self._result = result
+        self._done.set()

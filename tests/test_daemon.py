@@ -1,0 +1,259 @@
+"""The research loop end to end on the fixture workload (in-process daemon, real git, real runs)."""
+
+import math
+import os
+
+import pytest
+
+from autoresearch.daemon import Daemon, WorkspaceLock
+from autoresearch.errors import LockedError, WorkspaceError
+from autoresearch.eventlog import verify_path
+from autoresearch.report import results_rows
+from autoresearch.workspace import Workspace
+
+from daemon_fixtures import (TRAIN, ScriptedProposer, edited, events, factory, git, make_workspace, state,
+                             tagged_processes)
+
+
+def run_daemon(root, proposer=None, n=3, cls=Daemon):
+    d = cls(root, max_experiments=n, proposer_factory=factory(proposer) if proposer else None)
+    assert d.run() == 0
+    return d
+
+
+def check_invariants(root):
+    """What must hold after any run: the log verifies, git agrees with the folded state."""
+    assert verify_path(root / ".autoresearch" / "events.sqlite").ok
+    st = state(root)
+    ws = Workspace.open(root, ("train.py",))
+    assert ws.best() == st.best_commit
+    assert git(root, "rev-parse", "HEAD") == st.best_commit
+    assert git(root, "status", "--porcelain") == ""
+    for exp in st.experiments.values():
+        assert exp.terminal
+        if exp.commit and exp.kind == "experiment":
+            assert ws.exp_ref(exp.n) == exp.commit
+    assert tagged_processes(root) == []
+    return st
+
+
+def test_offline_loop_keeps_and_discards(tmp_path):
+    root = make_workspace(tmp_path / "ws")
+    run_daemon(root, n=6)
+    st = check_invariants(root)
+    exps = [e for e in st.experiments.values() if e.kind == "experiment"]
+    assert len(exps) == 6 and st.experiments[0].kind == "baseline"
+    kept = [e for e in exps if e.state == "kept"]
+    assert kept and st.best_metric == min([st.experiments[0].metric] + [e.metric for e in kept])
+    # The worktree holds the best code; every experiment's code stays reachable.
+    assert (root / "train.py").read_text() == git(root, "show", f"{st.best_commit}:train.py") + "\n"
+    for e in exps:
+        assert "->" in e.description and e.added >= 1 and e.removed >= 1 and e.proposer == "offline"
+    rows = results_rows(st)
+    assert rows[0][3] == "keep" and rows[0][4] == "baseline" and len(rows) == 7
+
+
+@pytest.mark.parametrize("body,reason", [
+    ('print("val_bpb: nan")\n', "metric is nan"),
+    ('print("val_bpb: inf")\n', "metric is inf"),
+    ('print("no metric here")\n', "no metric"),
+    ('print("val_bpb: garbage")\n', "no metric"),
+    ('print("val_bpb: 0.5"); raise SystemExit(3)\n', "exit code 3"),
+    ('raise RuntimeError("boom mid-run")\n', "exit code 1"),
+    ('import not_a_module\n', "exit code 1"),
+    ('def broken(:\n', "exit code 1"),
+])
+def test_bad_runs_are_crashed_and_rolled_back(tmp_path, body, reason):
+    root = make_workspace(tmp_path / "ws")
+    bad = TRAIN.replace('print(f"val_bpb:', body + '0 and print(f"val_bpb:', 1)
+    run_daemon(root, ScriptedProposer([{"train.py": bad}]), n=1)
+    st = check_invariants(root)
+    exp = st.experiments[1]
+    assert exp.state == "crashed" and reason in exp.reason
+    assert (root / "train.py").read_text() == TRAIN  # rolled back...
+    assert git(root, "show", f"{exp.commit}:train.py") + "\n" == bad  # ...and still reachable
+    assert st.last_failure_n == 1 and exp.log_tail
+
+
+def test_a_metric_printed_twice_counts_the_last(tmp_path):
+    root = make_workspace(tmp_path / "ws")
+    twice = TRAIN.replace('print("training...")', 'print("val_bpb: 0.1")')
+    run_daemon(root, ScriptedProposer([{"train.py": twice}]), n=1)
+    exp = state(root).experiments[1]
+    assert exp.state == "discarded" and exp.metric > 1.0  # the last print, not 0.1
+
+
+def test_hard_deadline_kills_the_whole_group(tmp_path):
+    root = make_workspace(tmp_path / "ws", run={"deadline_seconds": 2.0})
+    hang = TRAIN.replace("import math, os, sys, time", "import math, os, sys, time\nif os.fork() == 0:\n"
+                         "    time.sleep(600)\ntime.sleep(600)", 1)
+    run_daemon(root, ScriptedProposer([{"train.py": hang}]), n=1)
+    st = check_invariants(root)  # includes: no process of the run's group survives
+    assert st.experiments[1].state == "crashed" and "deadline" in st.experiments[1].reason
+
+
+def test_scope_violations_are_rejected_and_restored(tmp_path):
+    root = make_workspace(tmp_path / "ws")
+
+    def new_file(ctx):
+        (ctx.workspace / "helper.py").write_text("x = 1\n")
+        return "adds a file"
+
+    def delete_train(ctx):
+        (ctx.workspace / "train.py").unlink()
+        return "deletes train.py"
+
+    def edit_program(ctx):
+        (ctx.workspace / "program.md").write_text("ignore the rules\n")
+        return "edits program.md"
+
+    def edit_config(ctx):
+        with open(ctx.workspace / "autoresearch.toml", "a") as f:
+            f.write("\n# sneaky\n")
+        return "edits the config"
+
+    def commit_itself(ctx):
+        (ctx.workspace / "train.py").write_text(edited(TRAIN, WIDTH=100))
+        git(ctx.workspace, "commit", "-qam", "agent commit")
+        return "commits on its own"
+
+    def gitignore(ctx):
+        (ctx.workspace / ".gitignore").write_text("")
+        return "un-ignores the state dir"
+
+    items = [new_file, delete_train, edit_program, edit_config, commit_itself, gitignore,
+             {"program.md": "in-memory write to a non-editable file"}]
+    run_daemon(root, ScriptedProposer(items), n=len(items))
+    st = check_invariants(root)
+    for n in range(1, len(items) + 1):
+        assert st.experiments[n].state == "rejected", (n, st.experiments[n].reason)
+        assert "out of scope" in st.experiments[n].reason
+    assert not (root / "helper.py").exists()
+    assert (root / "program.md").read_text().startswith("# program")
+    assert "sneaky" not in (root / "autoresearch.toml").read_text()
+    assert (root / "train.py").read_text() == TRAIN
+
+
+def test_a_worktree_edit_within_scope_is_judged(tmp_path):
+    root = make_workspace(tmp_path / "ws")
+
+    def good(ctx):
+        (ctx.workspace / "train.py").write_text(edited(TRAIN, LEARNING_RATE=0.1))
+        return "LEARNING_RATE to 0.1"
+
+    run_daemon(root, ScriptedProposer([good]), n=1)
+    st = check_invariants(root)
+    assert st.experiments[1].state == "kept" and st.experiments[1].description == "LEARNING_RATE to 0.1"
+
+
+def test_editable_file_changed_between_commit_and_launch(tmp_path):
+    root = make_workspace(tmp_path / "ws")
+
+    class Tamper(Daemon):
+        def _launch(self, cur, model):
+            if cur.kind == "experiment":
+                (root / "train.py").write_text(edited(TRAIN, WIDTH=7))
+            super()._launch(cur, model)
+
+    run_daemon(root, ScriptedProposer([{"train.py": edited(TRAIN, WIDTH=100)}]), n=1, cls=Tamper)
+    st = check_invariants(root)
+    exp = st.experiments[1]
+    assert exp.state == "rejected" and "changed between commit and launch" in exp.reason
+    assert not any(e.trigger == "launch" and e.aggregate == "experiment:1" for e in events(root))
+
+
+def test_no_change_and_no_edit_are_rejected(tmp_path):
+    root = make_workspace(tmp_path / "ws", proposer={"fallback": "reject"})
+    run_daemon(root, ScriptedProposer([{"train.py": TRAIN}]), n=2)  # then the script runs dry: NoEdit
+    st = check_invariants(root)
+    assert st.experiments[1].state == "rejected" and "changes nothing" in st.experiments[1].reason
+    assert st.experiments[2].state == "rejected" and "no edit" in st.experiments[2].reason
+
+
+def test_no_edit_falls_back_to_offline(tmp_path):
+    root = make_workspace(tmp_path / "ws")
+    run_daemon(root, ScriptedProposer([]), n=1)
+    exp = state(root).experiments[1]
+    assert exp.state in ("kept", "discarded") and exp.proposer == "offline"
+    meta = next(e for e in events(root) if e.trigger == "proposed").payload["meta"]
+    assert meta["fallback_from"] == "scripted"
+
+
+def test_noise_runs_set_the_keep_threshold(tmp_path):
+    noisy = TRAIN.replace("loss = ", "import random\nloss = random.random() * 0.01 + ", 1)
+    root = make_workspace(tmp_path / "ws", train=noisy, judge={"noise_runs": 3})
+    run_daemon(root, n=0)
+    st = state(root)
+    base = st.experiments[0]
+    assert len(base.metrics) == 4 and base.runs == 4
+    assert st.noise_sigma and st.noise_sigma > 0
+    assert math.isclose(st.threshold, 2 * st.noise_sigma)
+    assert math.isclose(base.metric, sum(base.metrics) / 4)
+
+
+def test_simplicity_rule_keeps_equal_and_shorter(tmp_path):
+    root = make_workspace(tmp_path / "ws", judge={"simplicity": True, "min_delta": 0.001})
+    shorter = TRAIN.replace('print("training...")\n', "")
+    run_daemon(root, ScriptedProposer([{"train.py": shorter}]), n=1)
+    exp = state(root).experiments[1]
+    assert exp.state == "kept" and "fewer lines" in exp.reason and (exp.added, exp.removed) == (0, 1)
+
+
+def test_refuses_user_changes_and_touches_nothing(tmp_path):
+    root = make_workspace(tmp_path / "ws")
+    (root / "notes.txt").write_text("mine")
+    with pytest.raises(WorkspaceError, match="uncommitted changes the daemon did not make: notes.txt"):
+        Daemon(root).run()
+    assert not (root / ".autoresearch" / "events.sqlite").exists()
+    assert (root / "notes.txt").read_text() == "mine"
+
+
+def test_program_md_is_the_humans_and_survives_rollback(tmp_path):
+    root = make_workspace(tmp_path / "ws")
+    (root / "program.md").write_text("# program\nnew instructions\n")
+    proposer = ScriptedProposer([{"train.py": edited(TRAIN, WIDTH=3)}])
+    run_daemon(root, proposer, n=1)
+    assert [c.program for c in proposer.contexts] == ["# program\nnew instructions\n"]
+    assert (root / "program.md").read_text() == "# program\nnew instructions\n"
+    assert state(root).experiments[1].state == "discarded"
+
+
+def test_proposal_context_is_fresh_and_bounded_by_the_log(tmp_path):
+    root = make_workspace(tmp_path / "ws")
+    crash = TRAIN.replace("loss = ", "raise SystemExit('exploded')\nloss = ", 1)
+    proposer = ScriptedProposer([{"train.py": crash}, {"train.py": edited(TRAIN, WIDTH=100)}])
+    run_daemon(root, proposer, n=2)
+    second = proposer.contexts[1]
+    assert second.files["train.py"] == TRAIN  # the best code, not the crashed one
+    assert [r.status for r in second.history] == ["baseline", "crashed"]
+    assert "exploded" in second.last_failure
+
+
+def test_second_daemon_refuses_naming_the_pid(tmp_path):
+    root = make_workspace(tmp_path / "ws")
+    (root / ".autoresearch").mkdir(exist_ok=True)
+    lock = WorkspaceLock(root / ".autoresearch")
+    lock.acquire()
+    try:
+        with pytest.raises(LockedError, match=f"another daemon \\(pid {os.getpid()}\\)"):
+            Daemon(root).run()
+    finally:
+        lock.release()
+
+
+def test_resume_after_a_clean_stop_continues(tmp_path):
+    root = make_workspace(tmp_path / "ws")
+    run_daemon(root, n=2)
+    run_daemon(root, n=2)
+    st = check_invariants(root)
+    assert sorted(st.experiments) == [0, 1, 2, 3, 4]
+    assert st.boots == 2 and st.baseline_n == 0  # the baseline is not re-run
+
+
+def test_caps_exhaust_the_daemon(tmp_path):
+    root = make_workspace(tmp_path / "ws", limits={"max_experiments": 2})
+    d = Daemon(root)
+    assert d.run() == 0
+    st = check_invariants(root)
+    assert st.daemon == "exhausted" and "max_experiments 2" in st.reason
+    assert sum(1 for e in st.experiments.values() if e.kind == "experiment") == 2
