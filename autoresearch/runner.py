@@ -20,7 +20,8 @@ still scrubbed and the run still gets its own process group):
     route anywhere else -- not even to the host's 127.0.0.1. Everything in the
     chain execs, so the run keeps its PID and process group. Probed once per
     process; where the kernel refuses, the run has the host network and
-    ``sandbox["network"]`` says "host".
+    ``sandbox["network"]`` says "host". (Filesystem unix sockets stay reachable: a
+    network namespace does not hide /run/*.sock; abstract ones are hidden.)
   * file size: RLIMIT_FSIZE = max_file_mb (a bigger write fails with EFBIG).
   * processes: RLIMIT_NPROC counts *all* tasks (threads too) of the real user,
     not just this run, so the limit is the user's current task count +
@@ -30,7 +31,8 @@ still scrubbed and the run still gets its own process group):
     (counts the same private mappings). The watcher sums the resident memory of
     the group every 0.2 s (statm RSS; over the limit it re-measures with PSS
     from smaps_rollup so pages shared by forked workers count once) and SIGKILLs
-    the group with ``killed="memory"`` above memory_mb (0 = 90 % of MemTotal).
+    the group with ``killed="memory"`` above memory_mb (0 = 90 % of MemTotal, or of
+    our cgroup's memory limit when lower).
   Limits are applied with util-linux ``prlimit`` (which execs the command, so no
   Python code runs between fork and exec); without it, a preexec_fn.
 """
@@ -185,14 +187,46 @@ except OSError as e:
 
 
 def mem_total_mb() -> int:
+    """Memory available to us: MemTotal, or our cgroup's limit when that is lower.
+
+    In a container the cgroup limit is what the OOM killer enforces, and it may
+    pick the daemon; the run's limit must trip before it does.
+    """
+    total = 0
     try:
         with open("/proc/meminfo") as f:
             for line in f:
                 if line.startswith("MemTotal:"):
-                    return int(line.split()[1]) // 1024
+                    total = int(line.split()[1]) // 1024
+                    break
     except OSError:
         pass
-    return 0
+    limit = _cgroup_memory_limit_mb()
+    return min(total, limit) if total and limit else total or (limit or 0)
+
+
+def _cgroup_memory_limit_mb() -> int | None:
+    try:
+        with open("/proc/self/cgroup") as f:
+            lines = [line.strip().split(":", 2) for line in f]
+    except OSError:
+        return None
+    candidates = []
+    for hid, controllers, path in (l for l in lines if len(l) == 3):
+        if hid == "0" and controllers == "":  # cgroup v2
+            candidates += [f"/sys/fs/cgroup{path.rstrip('/')}/memory.max", "/sys/fs/cgroup/memory.max"]
+        elif "memory" in controllers.split(","):  # cgroup v1
+            candidates += [f"/sys/fs/cgroup/memory{path.rstrip('/')}/memory.limit_in_bytes",
+                           "/sys/fs/cgroup/memory/memory.limit_in_bytes"]
+    for path in candidates:
+        try:
+            with open(path) as f:
+                raw = f.read().strip()
+        except OSError:
+            continue
+        if raw.isdigit() and int(raw) < 1 << 60:  # "max" / ~2**63 mean no limit
+            return int(raw) // 2**20
+    return None
 
 
 def _user_task_count(uid: int) -> int:
@@ -402,6 +436,7 @@ class Run:
         self._memory_m: re.Match | None = None
         self._written = 0
         self._truncated = False
+        self._log_error: str | None = None
         self._leader_done = threading.Event()
         self._reader_done = threading.Event()
         self._wake = threading.Event()  # EOF or kill(): the watcher looks now, not at its next tick
@@ -507,14 +542,15 @@ class Run:
     def _read(self) -> None:
         fd = self._fd
         drain_end = None
+        poller = select.poll()  # not select.select: that fails for fd numbers >= 1024
+        poller.register(fd, select.POLLIN | select.POLLHUP | select.POLLERR)
         try:
             while True:
                 if self._leader_done.is_set() and drain_end is None:
                     drain_end = time.monotonic() + DRAIN_AFTER_EXIT_S
                 if drain_end is not None and time.monotonic() >= drain_end:
                     break  # an escaped process still holds the pipe: stop waiting for it
-                ready, _, _ = select.select([fd], [], [], 0.1)
-                if not ready:
+                if not poller.poll(100):
                     continue
                 try:
                     chunk = os.read(fd, 1 << 16)
@@ -529,16 +565,25 @@ class Run:
             self._reader_done.set()
             self._wake.set()  # EOF usually means the leader has exited
 
+    def _write_log(self, data: bytes) -> None:
+        if self._log_error:
+            return
+        try:
+            self._log.write(data)
+            self._log.flush()
+        except OSError as exc:  # disk full, say: stop writing, keep draining the pipe
+            self._log_error = exc.strerror or str(exc)
+            self._truncated = True
+
     def _consume(self, chunk: bytes) -> None:
         room = self.log_max_bytes - self._written
         if room > 0:
-            self._log.write(chunk[:room])
+            self._write_log(chunk[:room])
             self._written += min(room, len(chunk))
         if len(chunk) > room and not self._truncated:
             self._truncated = True
-            self._log.write(f"\n[autoresearch] log truncated at {self.log_max_bytes} bytes; "
+            self._write_log(f"\n[autoresearch] log truncated at {self.log_max_bytes} bytes; "
                             "the rest of the output is still read for the metric\n".encode())
-        self._log.flush()
         self._tail += chunk
         if len(self._tail) > TAIL_BYTES:
             del self._tail[:-TAIL_BYTES]
@@ -564,6 +609,22 @@ class Run:
             self._pending = ""
 
     def _watch(self) -> None:
+        try:
+            self._watch_loop()
+        except BaseException as exc:  # never leave poll() waiting forever on a dead watcher
+            _killpg(self.pgid, signal.SIGKILL)
+            try:
+                self._proc.wait(10)
+            except subprocess.TimeoutExpired:
+                pass
+            with self._lock:
+                self._killed = self._killed or f"runner error: {type(exc).__name__}: {exc}"
+            self._leader_done.set()
+            self._reader_done.wait(5)
+            self._finalize(time.monotonic() - self._t0)
+            raise
+
+    def _watch_loop(self) -> None:
         pid = self.pid
         next_mem = 0.0
         while True:
@@ -607,14 +668,25 @@ class Run:
 
     def _finalize(self, duration: float) -> None:
         rc = self._proc.returncode
-        exit_code, sig = (rc, None) if rc >= 0 else (None, -rc)
+        if rc is None:
+            exit_code, sig = None, None
+        else:
+            exit_code, sig = (rc, None) if rc >= 0 else (None, -rc)
         killed = self._killed
-        how = f"exit code {exit_code}" if sig is None else f"signal {signal.Signals(sig).name}"
+        try:
+            how = f"exit code {exit_code}" if sig is None else f"signal {signal.Signals(sig).name}"
+        except ValueError:
+            how = f"signal {sig}"
         if killed:
             how += f", killed: {killed}"
+        if self._log_error:
+            how += f"; log incomplete: {self._log_error}"
         trailer = f"\n[autoresearch] run ended after {duration:.1f}s ({how})\n"
-        self._log.write(trailer.encode())
-        self._log.close()
+        self._write_log(trailer.encode())
+        try:
+            self._log.close()
+        except OSError:
+            pass
         metric = _match_value(self._metric_m)
         mem = _match_value(self._memory_m)
         tail = self._tail.decode("utf-8", "replace")[-RECORDED_TAIL_CHARS:]

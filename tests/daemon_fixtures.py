@@ -158,6 +158,15 @@ def kill9(proc: subprocess.Popen) -> None:
     proc.wait(timeout=10)
 
 
+def kill_runs(root: Path) -> None:
+    """Clean up runs a test left orphaned on purpose (by kill -9 of their daemon)."""
+    for pid in tagged_processes(root):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 class ScriptedProposer:
     """A proposer that returns prepared edits in order (our own interface, not a library mock).
 

@@ -168,6 +168,17 @@ def test_gigantic_output_is_capped_and_metric_still_read(tmp_path):
     assert "truncated" in Path(res.log_path).read_text()[200_000:]
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_a_failing_log_write_does_not_stall_the_run(tmp_path):
+    # /dev/full fails every write with ENOSPC: the disk-full case, for real.
+    # 200 KB: more than a pipe holds, so the pipe must keep being drained.
+    (tmp_path / "train.py").write_text("print(('x' * 999 + '\\n') * 200)\nprint('val_bpb: 1.0')\n")
+    run = Run.start(["python", "train.py"], tmp_path, "/dev/full", 30, 10**6,
+                    SandboxSpec(mode="off"), METRIC, None)
+    res = run.wait(30)
+    assert res.ok and res.metric == 1.0 and res.log_truncated
+
+
 # ------------------------------------------------------------------ deadline + group kill
 @linux_only
 def test_deadline_kills_leader_and_forked_children(tmp_path, monkeypatch):

@@ -1,0 +1,210 @@
+"""The daemon as a real process: kill -9, SIGTERM, SIGHUP, sd_notify, inbox requests, single instance."""
+
+import signal
+import socket
+import time
+
+import pytest
+
+from autoresearch.eventlog import verify_path
+
+from daemon_fixtures import (cli, current, events, git, has_event, kill9, make_workspace, spawn_daemon, state,
+                             tagged_processes, wait_for)
+
+
+@pytest.fixture
+def mode(tmp_path):
+    """A file that switches the fixture workload's behaviour (see daemon_fixtures)."""
+    path = tmp_path / "mode"
+    path.write_text("")
+    return path
+
+
+def _env(mode, **extra):
+    return {"AUTORESEARCH_TEST_MODE": str(mode), **extra}
+
+
+def test_kill9_during_a_run_then_restart_reruns_it(tmp_path, mode):
+    root = make_workspace(tmp_path / "ws")
+    mode.write_text("sleep:30")
+    proc = spawn_daemon(root, "--max-experiments", "1", env=_env(mode))
+    try:
+        wait_for(lambda: current(root, "training", 0) and tagged_processes(root), timeout=60)
+    finally:
+        kill9(proc)
+    assert tagged_processes(root)  # the orphaned run is still there...
+    mode.write_text("")
+    out = cli("run", str(root), "--max-experiments", "1", env=_env(mode))
+    assert out.returncode == 0, out.stderr
+    assert tagged_processes(root) == []  # ...and the restart killed it
+    st = state(root)
+    base = st.experiments[0]
+    assert base.state == "kept" and base.interrupts == 1 and base.runs == 2
+    assert st.experiments[1].terminal and sorted(st.experiments) == [0, 1]
+    assert [e.trigger for e in events(root) if e.aggregate == "experiment:0"] == [
+        "adopt", "launch", "interrupt", "retry", "launch", "finish", "keep"]
+    assert verify_path(root / ".autoresearch" / "events.sqlite").ok
+    assert git(root, "status", "--porcelain") == ""
+
+
+def test_kill9_between_git_commit_and_its_event_is_reconciled(tmp_path):
+    root = make_workspace(tmp_path / "ws")
+    out = cli("run", str(root), "--max-experiments", "1", env={"AUTORESEARCH_CRASH_AT": "pre:commit"})
+    assert out.returncode == -signal.SIGKILL
+    exp = state(root).experiments[1]
+    assert exp.state == "proposing" and exp.files and exp.commit is None
+    ref = git(root, "rev-parse", "refs/autoresearch/exp/1")  # git did its part; the log did not
+    out = cli("run", str(root), "--max-experiments", "1")
+    assert out.returncode == 0, out.stderr
+    st = state(root)
+    exp = st.experiments[1]
+    assert exp.commit == ref and exp.terminal and exp.interrupts == 1  # the same commit, reused
+    triggers = [e.trigger for e in events(root) if e.aggregate == "experiment:1"]
+    assert triggers.count("commit") == 1 and triggers.count("proposed") == 1  # not proposed again
+    assert git(root, "rev-parse", "HEAD") == st.best_commit
+
+
+def test_sigterm_during_a_run_is_graceful(tmp_path, mode):
+    root = make_workspace(tmp_path / "ws")
+    mode.write_text("sleep:60")
+    proc = spawn_daemon(root, env=_env(mode))
+    wait_for(lambda: current(root, "training", 0) and tagged_processes(root), timeout=60)
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=20) == 0
+    assert time.monotonic() - t0 < 10
+    assert tagged_processes(root) == []
+    st = state(root)
+    assert st.daemon == "stopped" and st.experiments[0].state == "interrupted"
+    mode.write_text("")
+    out = cli("run", str(root), "--max-experiments", "1", env=_env(mode))
+    assert out.returncode == 0
+    assert state(root).experiments[0].state == "kept"
+
+
+def test_control_requests_take_effect_within_a_second(tmp_path, mode):
+    root = make_workspace(tmp_path / "ws")
+    proc = spawn_daemon(root, env=_env(mode))
+    timings = {}
+
+    def request(action):
+        t0 = time.monotonic()
+        out = cli(action, str(root))
+        timings[action] = time.monotonic() - t0
+        assert out.returncode == 0, out.stdout + out.stderr
+
+    try:
+        wait_for(lambda: has_event(root, "baseline_done"), timeout=60)
+        request("pause")
+        assert has_event(root, "pause", "daemon", "paused")
+        mode.write_text("sleep:60")  # from now on every run lasts long enough to be skipped
+        request("resume")
+        assert has_event(root, "resume", "daemon", "preparing")
+        victim = wait_for(lambda: current(root, "training"), timeout=60)
+        pids = wait_for(lambda: tagged_processes(root), timeout=10)
+        request("skip")
+        skipped = has_event(root, "skip")
+        assert skipped.dest == "discarded" and skipped.payload["reason"] == "skipped by user"
+        assert skipped.aggregate == f"experiment:{victim.n}"
+        wait_for(lambda: not set(pids) & set(tagged_processes(root)), timeout=10)  # its group is gone
+        wait_for(lambda: current(root, "training", victim.n + 1), timeout=60)
+        request("stop")
+        assert proc.wait(timeout=20) == 0
+    finally:
+        if proc.poll() is None:
+            kill9(proc)
+    # Each figure includes starting a Python CLI process; the daemon's own part is a fraction.
+    assert max(timings.values()) < 1.5, timings
+    st = state(root)
+    assert st.daemon == "stopped" and tagged_processes(root) == []
+    assert st.current().state == "interrupted"  # stopped mid-run: re-run on resume
+    print("control latencies (s):", {k: round(v, 3) for k, v in timings.items()})
+
+
+def test_a_request_without_a_daemon_is_a_clear_error(tmp_path):
+    root = make_workspace(tmp_path / "ws")
+    out = cli("pause", str(root))
+    assert out.returncode == 2 and "no daemon is running" in out.stderr
+    assert out.stderr.count("\n") == 1 and "Traceback" not in out.stderr
+
+
+def test_sighup_with_a_broken_config_keeps_the_old_one(tmp_path, mode):
+    root = make_workspace(tmp_path / "ws")
+    mode.write_text("sleep:60")
+    proc = spawn_daemon(root, env=_env(mode))
+    try:
+        wait_for(lambda: current(root, "training"), timeout=60)
+        good = (root / "autoresearch.toml").read_text()
+        (root / "autoresearch.toml").write_text(good + "\n[run\n")
+        proc.send_signal(signal.SIGHUP)
+        note = wait_for(lambda: has_event(root, "note", kind="config_rejected"), timeout=10)
+        assert "not valid TOML" in note.payload["error"]
+        assert proc.poll() is None and current(root, "training")  # the run goes on undisturbed
+        (root / "autoresearch.toml").write_text(good.replace("deadline_seconds = 30.0", "deadline_seconds = 31.0"))
+        proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: has_event(root, "note", kind="config_reloaded"), timeout=10)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0
+
+
+def test_a_program_md_edit_is_logged_without_disturbing_the_run(tmp_path, mode):
+    root = make_workspace(tmp_path / "ws")
+    mode.write_text("sleep:5")
+    proc = spawn_daemon(root, env=_env(mode))
+    try:
+        wait_for(lambda: current(root, "training", 0), timeout=60)
+        (root / "program.md").write_text("# program\nTry the learning rate first.\n")
+        note = wait_for(lambda: has_event(root, "note", kind="program_changed"), timeout=5)
+        assert (note.payload["added"], note.payload["removed"]) == (1, 1)
+        assert note.payload["old_hash"] != note.payload["new_hash"]
+        assert current(root, "training", 0)  # the current run was not disturbed
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=20)
+
+
+def test_a_second_daemon_process_refuses(tmp_path, mode):
+    root = make_workspace(tmp_path / "ws")
+    mode.write_text("sleep:60")
+    proc = spawn_daemon(root, env=_env(mode))
+    try:
+        wait_for(lambda: current(root, "training"), timeout=60)
+        out = cli("run", str(root))
+        assert out.returncode == 3
+        assert f"another daemon (pid {proc.pid}) is running" in out.stderr and "Traceback" not in out.stderr
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=20)
+
+
+def test_sd_notify_ready_status_watchdog_stopping(tmp_path, mode):
+    root = make_workspace(tmp_path / "ws")
+    sock_path = str(tmp_path / "notify.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(sock_path)
+    sock.settimeout(0.2)
+    mode.write_text("sleep:4")
+    proc = spawn_daemon(root, "--max-experiments", "0",
+                        env=_env(mode, NOTIFY_SOCKET=sock_path, WATCHDOG_USEC="1000000"))
+    messages = []  # (arrival time, datagram)
+    end = time.monotonic() + 60
+    try:
+        while time.monotonic() < end and proc.poll() is None:
+            try:
+                messages.append((time.monotonic(), sock.recv(65536).decode()))
+            except socket.timeout:
+                pass
+    finally:
+        if proc.poll() is None:
+            kill9(proc)
+        sock.close()
+    texts = [m for _, m in messages]
+    ready = next(i for i, m in enumerate(texts) if "READY=1" in m)
+    assert any(m.startswith("STATUS=") and "baseline (exp 0) training" in m for m in texts[ready:])
+    assert "STOPPING=1" in texts[-1]
+    # WATCHDOG_USEC = 1 s -> one ping every 0.5 s from the main loop, also during the 4 s run.
+    pings = [t for t, m in messages if "WATCHDOG=1" in m]
+    gaps = [b - a for a, b in zip(pings, pings[1:])]
+    assert len(pings) >= 7 and max(gaps) < 0.8, gaps
+    assert min(gaps) > 0.4, gaps  # rate-limited, not a flood
