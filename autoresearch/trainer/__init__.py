@@ -100,7 +100,7 @@ TEMPLATE_DEFAULTS: dict[str, dict] = {
         "HEAD_DIM": 128,
         "MLP_RATIO": 4,
         "TOTAL_BATCH_TOKENS": 524288,
-        "DEVICE_BATCH_SIZE": 64,
+        "DEVICE_BATCH_SIZE": 32,
         "MATRIX_LR": 0.04,
         "EMBED_LR": 0.6,
         "UNEMBED_LR": 0.004,

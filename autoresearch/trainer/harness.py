@@ -33,6 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from autoresearch.errors import UserError
 from autoresearch.trainer import prepare as _prepare
 from autoresearch.trainer import tokenizer as _tokenizer
 from autoresearch.trainer.settings import Settings, budget_seconds, read_settings
@@ -86,8 +87,11 @@ class Workload:
 def load(workspace: Path | None = None) -> Workload:
     """Settings from `workspace` (default cwd), data prepared on first use."""
     _keep_freed_memory()
-    settings = read_settings(workspace)
-    entry = _prepare.ensure(settings)
+    try:
+        settings = read_settings(workspace)
+        entry = _prepare.ensure(settings)
+    except UserError as exc:  # bad config, missing data: one line, not a traceback
+        raise SystemExit(f"autoresearch: {exc}") from None
     meta = json.loads((entry / "meta.json").read_text())
     return Workload(
         settings=settings, entry=entry, meta=meta,
