@@ -18,7 +18,7 @@ from typing import Any
 from .errors import ConfigError
 
 CONFIG_NAME = "autoresearch.toml"
-DEFAULT_METRIC_REGEX = r"^val_bpb:\s*([0-9.eE+-]+|nan|inf|-inf)"
+DEFAULT_METRIC_REGEX = r"^val_bpb:\s*([-+]?(?:nan|inf)|[0-9.eE+-]+)"
 DEFAULT_MEMORY_REGEX = r"^peak_vram_mb:\s*([0-9.]+)"
 NEVER_EDITABLE = ("program.md", CONFIG_NAME, ".gitignore")
 

@@ -53,6 +53,7 @@ LOCK_NAME = "daemon.lock"
 INBOX_NAME = "inbox"
 TICK_S = 0.25  # longest sleep of the main loop between services
 BACKOFF_S = (5, 15, 30, 60, 120, 300, 600)  # blocked: wait before retrying
+PROGRAM_SETTLE_S = 0.2  # an editor's save may take several writes; record the settled text once
 
 
 def _sha256(data: bytes) -> str:
@@ -432,12 +433,19 @@ class Daemon:
                     if cur is not None and (cur.state in ("committed", "training", "judging")
                                             or self._skip_request is not None):
                         self._experiment_step()  # pause lets the current run finish
+                    elif self._session_over():
+                        d.fire("stop", reason=self._stop_reason)
+                        return
                     else:
-                        self._wait(lambda: d.state != "paused" or self._skip_request is not None)
+                        self._wait(lambda: d.state != "paused" or self._skip_request is not None
+                                   or self._session_over())
                 elif state == "blocked":
                     retry_at = _parse_utc(self.state.retry_at) if self.state.retry_at else time.time()
-                    if self._wait(lambda: d.state != "blocked" or time.time() >= retry_at) == "done" \
-                            and d.state == "blocked":
+                    self._wait(lambda: d.state != "blocked" or time.time() >= retry_at or self._session_over())
+                    if d.state == "blocked":
+                        if self._session_over():
+                            d.fire("stop", reason=self._stop_reason)
+                            return
                         d.fire("unblock")
                 elif state == "exhausted":
                     log.info("caps reached; exiting", reason=self.state.reason)
@@ -481,13 +489,19 @@ class Daemon:
         if reason:
             d.fire("exhaust", reason=reason)
             return True
+        if self._session_over():
+            d.fire("stop", reason=self._stop_reason)
+            return True
+        return False
+
+    def _session_over(self) -> bool:
+        """This invocation's own limits (--max-experiments, --for); sets the stop reason."""
         if self.session_max_experiments is not None and self._session_experiments >= self.session_max_experiments:
             self._stop_reason = f"--max-experiments {self.session_max_experiments} done"
         elif self.session_deadline is not None and time.monotonic() >= self.session_deadline:
             self._stop_reason = "--for duration elapsed"
         else:
             return False
-        d.fire("stop", reason=self._stop_reason)
         return True
 
     # ------------------------------------------------------------------ servicing
@@ -579,8 +593,12 @@ class Daemon:
                                   config_hash=_sha256((self.root / config_mod.CONFIG_NAME).read_bytes()))
 
     def _program_changed(self) -> None:
+        path = self.root / "program.md"
         try:
-            data = (self.root / "program.md").read_bytes()
+            if time.time() - path.stat().st_mtime < PROGRAM_SETTLE_S:
+                self._flags.add("program")  # still being written: look again next tick
+                return
+            data = path.read_bytes()
         except FileNotFoundError:
             return
         new_hash = _sha256(data)
