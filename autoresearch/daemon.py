@@ -434,8 +434,7 @@ class Daemon:
                                             or self._skip_request is not None):
                         self._experiment_step()  # pause lets the current run finish
                     elif self._session_over():
-                        d.fire("stop", reason=self._stop_reason)
-                        return
+                        raise Stop()
                     else:
                         self._wait(lambda: d.state != "paused" or self._skip_request is not None
                                    or self._session_over())
@@ -444,8 +443,7 @@ class Daemon:
                     self._wait(lambda: d.state != "blocked" or time.time() >= retry_at or self._session_over())
                     if d.state == "blocked":
                         if self._session_over():
-                            d.fire("stop", reason=self._stop_reason)
-                            return
+                            raise Stop()
                         d.fire("unblock")
                 elif state == "exhausted":
                     log.info("caps reached; exiting", reason=self.state.reason)

@@ -1,0 +1,101 @@
+"""The daemon driving the real anthropic SDK against a Messages API server on loopback.
+
+End to end: three experiments, usage and cost recorded, a canary key that must
+leave no trace; an outage and a bad key make the daemon `blocked` without
+burning experiments; a reply recorded before a crash is never requested again.
+"""
+
+import os
+import signal
+
+from anthropic_fake import FakeAnthropic, error_reply, tweak_constant
+from daemon_fixtures import cli, events, make_workspace, state
+
+CANARY = "sk-ant-api03-CANARY-" + "c4n4ry" * 8
+
+
+def _workspace(tmp_path, **anthropic):
+    return make_workspace(tmp_path / "ws", proposer={"kind": "anthropic", "fallback": "reject"},
+                          anthropic={"timeout_seconds": 2.0, "deadline_seconds": 30.0,
+                                     "block_after_failures": 2, **anthropic})
+
+
+def _env(api):
+    return {"ANTHROPIC_API_KEY": CANARY, "ANTHROPIC_BASE_URL": api.url}
+
+
+def _leaks(root, *texts):
+    """Every place the key could have leaked to: state dir files (log, events, runs) and outputs."""
+    found = [str(p) for p in (root / ".autoresearch").rglob("*") if p.is_file() and CANARY.encode() in p.read_bytes()]
+    found += [f"output {i}" for i, t in enumerate(texts) if CANARY in t]
+    return found
+
+
+def test_three_experiments_with_claude(tmp_path):
+    root = _workspace(tmp_path)
+    with FakeAnthropic() as api:
+        api.default = tweak_constant()
+        out = cli("run", str(root), "--max-experiments", "3", env=_env(api))
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert not api.errors
+        requests = list(api.requests)
+    st = state(root)
+    exps = [st.experiments[n] for n in (1, 2, 3)]
+    assert all(e.terminal and e.proposer == "anthropic" for e in exps), [(e.state, e.reason) for e in exps]
+    assert all(e.state in ("kept", "discarded") and "->" in e.description for e in exps)
+    assert len(requests) == 3  # one reply per experiment, a fresh conversation each time
+    for req in requests:
+        assert req.api_key == CANARY
+        assert len(req.body["messages"]) == 1  # nothing grows across experiments
+    assert all(e.usage.get("input_tokens", 0) > 0 and e.cost_usd > 0 for e in exps)
+    assert st.cost_usd > 0
+    status = cli("status", str(root))
+    results = cli("results", str(root))
+    assert "$" in status.stdout and "cost $" in results.stderr
+    assert _leaks(root, out.stdout, out.stderr, status.stdout, results.stdout, results.stderr) == []
+
+
+def test_an_outage_blocks_without_burning_experiments(tmp_path):
+    root = _workspace(tmp_path)
+    with FakeAnthropic() as api:
+        api.default = lambda req: error_reply(529, "overloaded_error", "Overloaded")
+        out = cli("run", str(root), "--for", "9s", env=_env(api), timeout=60)
+        assert out.returncode == 0, out.stderr[-2000:]
+        calls = len(api.requests)
+    st = state(root)
+    blocks = [e for e in events(root) if e.trigger == "block"]
+    assert blocks and "proposer unavailable" in blocks[0].payload["reason"]
+    assert st.experiments[1].state == "interrupted"  # stopped while waiting: not crashed, not counted
+    assert st.counts() == {"kept": 0, "discarded": 0, "crashed": 0, "rejected": 0}
+    assert 2 <= calls <= 10  # retried with backoff, no storm
+    assert _leaks(root, out.stdout, out.stderr) == []
+
+
+def test_a_rejected_key_blocks_after_one_request(tmp_path):
+    root = _workspace(tmp_path, timeout_seconds=20.0)  # no timeout-retry on a loaded machine
+    with FakeAnthropic() as api:
+        api.default = lambda req: error_reply(401, "authentication_error", f"invalid x-api-key {CANARY}")
+        out = cli("run", str(root), "--for", "6s", env=_env(api), timeout=60)
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert len(api.requests) == 1
+    st = state(root)
+    block = next(e for e in events(root) if e.trigger == "block")
+    assert block.payload["reason"].startswith("API key rejected")
+    assert st.counts() == {"kept": 0, "discarded": 0, "crashed": 0, "rejected": 0}
+    assert _leaks(root, out.stdout, out.stderr) == []
+
+
+def test_a_recorded_reply_is_reapplied_not_requested_again(tmp_path):
+    root = _workspace(tmp_path)
+    with FakeAnthropic() as api:
+        api.default = tweak_constant()
+        out = cli("run", str(root), "--max-experiments", "1",
+                  env={**_env(api), "AUTORESEARCH_CRASH_AT": "post:proposed"})
+        assert out.returncode == -signal.SIGKILL
+        assert len(api.requests) == 1
+        recorded = state(root).experiments[1].files
+        out = cli("run", str(root), "--max-experiments", "1", env=_env(api))
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert len(api.requests) == 1  # the restart re-applied the recorded edit
+    exp = state(root).experiments[1]
+    assert exp.terminal and exp.files == recorded and exp.interrupts == 1
