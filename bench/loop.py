@@ -1,0 +1,78 @@
+"""Loop overhead per experiment with an instant workload.
+
+    python bench/loop.py [--experiments 40]
+
+Runs the real daemon (offline proposer, real git, real runs, durable event
+log) on a fixture whose train.py prints its metric at once, and reports, per
+experiment, the wall time from one experiment's `start` event to the next
+one's minus the run itself (the run's own duration as the runner measured
+it). That is propose + commit + launch + judge + rollback + bookkeeping.
+Target (issue 2): median <= 150 ms.
+"""
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO), str(REPO / "tests")]
+
+import structlog  # noqa: E402
+
+from autoresearch.daemon import Daemon  # noqa: E402
+from autoresearch.eventlog import EventLog  # noqa: E402
+from daemon_fixtures import make_workspace  # noqa: E402
+
+
+def ts(text: str) -> float:
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--experiments", type=int, default=40)
+    args = ap.parse_args()
+    structlog.configure(logger_factory=structlog.ReturnLoggerFactory())  # no console noise
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}")
+    with tempfile.TemporaryDirectory() as tmp:
+        root = make_workspace(Path(tmp) / "ws")
+        t0 = time.perf_counter()
+        Daemon(root, max_experiments=args.experiments).run()
+        wall = time.perf_counter() - t0
+        log = EventLog.open(root / ".autoresearch" / "events.sqlite", create=False)
+        events = list(log.events())
+        log.close()
+    by_n: dict[int, dict] = {}
+    for e in events:
+        if e.experiment is not None:
+            slot = by_n.setdefault(e.experiment, {})
+            slot.setdefault(e.trigger, ts(e.time))
+            if e.trigger == "finish":
+                slot["run"] = e.payload["duration_s"]
+    starts = sorted(n for n, s in by_n.items() if "start" in s)
+    overhead, phases = [], {"propose": [], "commit": [], "launch": [], "judge+rollback": []}
+    for a, b in zip(starts, starts[1:]):
+        s = by_n[a]
+        if "run" not in s:
+            continue
+        overhead.append((by_n[b]["start"] - s["start"] - s["run"]) * 1000)
+        phases["propose"].append((s["proposed"] - s["start"]) * 1000)
+        phases["commit"].append((s["commit"] - s["proposed"]) * 1000)
+        phases["launch"].append((s["launch"] - s["commit"]) * 1000)
+        end = s.get("keep") or s.get("discard") or s.get("crash")
+        phases["judge+rollback"].append((by_n[b]["start"] - end) * 1000)
+    runs = [by_n[n]["run"] * 1000 for n in starts if "run" in by_n[n]]
+    print(f"{len(overhead)} experiments, {wall:.1f} s wall in all; the run itself: median {statistics.median(runs):.0f} ms")
+    print(f"loop overhead per experiment (excluding the run): median {statistics.median(overhead):.0f} ms, "
+          f"p90 {sorted(overhead)[int(len(overhead) * 0.9)]:.0f} ms (target <= 150 ms)")
+    print("  phases (median ms): " + ", ".join(f"{k} {statistics.median(v):.1f}" for k, v in phases.items()))
+
+
+if __name__ == "__main__":
+    main()
