@@ -304,7 +304,7 @@ def cmd_service(args) -> int:
     root = Path(args.dir).absolute()
     if args.action == "install":
         _workspace_dir(args.dir)
-        installed = service.install(root, user=args.user, gpu=args.gpu, print_only=args.print)
+        installed = service.install(root, user=args.user, gpu=args.gpu, print_only=args.print, name=args.name)
         if args.print:
             print(installed.text, end="")
         else:
@@ -312,9 +312,9 @@ def cmd_service(args) -> int:
             for hint in installed.hints:
                 print(f"hint: {hint}")
     elif args.action == "uninstall":
-        print(f"stopped and removed {service.uninstall(root, user=args.user)}")
+        print(f"stopped and removed {service.uninstall(root, user=args.user, name=args.name)}")
     else:
-        print(service.status(root, user=args.user))
+        print(service.status(root, user=args.user, name=args.name))
     return 0
 
 
@@ -411,6 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--user", action="store_true", help="a user unit (systemctl --user) instead of system-wide")
     sp.add_argument("--gpu", type=int, metavar="N", help="pin the service to GPU N (CUDA_VISIBLE_DEVICES)")
     sp.add_argument("--print", action="store_true", help="only print the unit; install nothing")
+    sp.add_argument("--name", help="instance name (default: the workspace directory's name)")
     return p
 
 

@@ -577,6 +577,7 @@ class Daemon:
             d.fire("note", kind="request", request=rid, action=action, outcome="ignored: " + ignored)
 
     def _reload_config(self) -> None:
+        self.notifier.reloading()
         try:
             cfg = config_mod.load(self.root)
             if cfg.workload.profile != self.cfg.workload.profile:
@@ -584,11 +585,13 @@ class Daemon:
         except ConfigError as exc:
             log.error("config reload rejected; keeping the old config", error=str(exc))
             self.machines.daemon.fire("note", kind="config_rejected", error=str(exc))
+            self.notifier.ready(self._status())
             return
         self.cfg = cfg
         self.ws.editable = cfg.run.editable
         self.machines.daemon.fire("note", kind="config_reloaded",
                                   config_hash=_sha256((self.root / config_mod.CONFIG_NAME).read_bytes()))
+        self.notifier.ready(self._status())
 
     def _program_changed(self) -> None:
         path = self.root / "program.md"
