@@ -91,6 +91,24 @@ def cmd_init(args) -> int:
     return 0
 
 
+class _PrettyTerminal:
+    """Renders the daemon's JSON log lines as `autoresearch tail` does, for a person at a terminal
+    (the log file and the journal still get JSON)."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        from .tail import render
+
+        for line in text.splitlines(keepends=True):
+            self._stream.write(render(line, as_json=False, color=True) + ("\n" if line.endswith("\n") else ""))
+        return len(text)
+
+    def flush(self) -> None:
+        self._stream.flush()
+
+
 def cmd_run(args) -> int:
     from . import config as config_mod
     from . import logs, secrets
@@ -102,7 +120,8 @@ def cmd_run(args) -> int:
         cmd_init(args)
     root = _workspace_dir(args.dir)
     secrets.install_log_guard()
-    logs.configure(root / ".autoresearch", stream=sys.stdout, journal=args.journal,
+    stream = _PrettyTerminal(sys.stdout) if sys.stdout.isatty() else sys.stdout
+    logs.configure(root / ".autoresearch", stream=stream, journal=args.journal,
                    level=args.log_level, redact=secrets.redact)
     daemon = Daemon(root, max_experiments=args.max_experiments, run_for=args.run_for)
     try:
