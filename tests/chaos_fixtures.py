@@ -1,0 +1,148 @@
+"""Shared by the crash matrix, the soak and bench/chaos.py: the invariant checker and helpers.
+
+`check_invariants(root)` returns the list of violated invariants (issue 6), empty when all hold:
+  1. `verify` passes (gap-free sequence, intact hash chain);
+  2. the folded state agrees with git: HEAD is the best commit or the in-flight experiment's
+     commit, every recorded experiment ref exists and matches, the best ref is the last kept commit;
+  3. every experiment has exactly one terminal event, as its last event; numbers are contiguous;
+     at most one experiment (the newest) is still in flight;
+  4. `autoresearch results` prints exactly report.results_tsv(fold(log));
+  5. no process carrying the workspace's run tag survives; no git lock file is left;
+  6. (with an `ApiLog`) no API request for an experiment after its `proposed` event was recorded.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import threading
+import time
+from datetime import datetime
+from pathlib import Path
+
+from autoresearch.eventlog import verify_path
+from autoresearch.report import results_tsv
+from autoresearch.state import TERMINAL, fold
+
+from daemon_fixtures import cli, events, tagged_processes
+
+# A command proposer (an "agent CLI") whose edit depends on the experiment number in its
+# prompt, so a scenario can reach reject, crash and discard deterministically:
+#   exp 1: creates a file outside scope (reject); exp 2: a syntax error (crash);
+#   exp 3: a worse constant (discard); later: a better constant each time (keep).
+SCRIPTED_AGENT = r'''
+import pathlib, re, sys
+n = int(re.search(r"^# Experiment (\d+)", sys.stdin.read(), re.M).group(1))
+train = pathlib.Path("train.py")
+text = train.read_text()
+if n == 1:
+    pathlib.Path("notes.txt").write_text("not in scope\n")
+elif n == 2:
+    train.write_text(text + "\nthis line is not python\n")
+elif n == 3:
+    train.write_text(re.sub(r"^WARMUP = .*$", "WARMUP = 0.9", text, flags=re.M))
+else:
+    train.write_text(re.sub(r"^WARMUP = .*$", f"WARMUP = {0.1 - 0.01 * n:.4f}", text, flags=re.M))
+print(f"scripted edit for experiment {n}")
+'''
+
+
+class ApiLog:
+    """Wraps a fake-Anthropic responder and notes (experiment n, wall time) of every request."""
+
+    def __init__(self, respond):
+        self.respond = respond
+        self.calls: list[tuple[int, float]] = []
+        self._lock = threading.Lock()
+
+    def __call__(self, req):
+        n = int(re.search(r"^# Experiment (\d+)", req.text(0), re.M).group(1))
+        with self._lock:
+            self.calls.append((n, time.time()))
+        return self.respond(req)
+
+
+def _ts(text: str) -> float:
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+
+def _git(root: Path, *args: str) -> str | None:
+    out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def check_invariants(root: Path, api: ApiLog | None = None) -> list[str]:
+    root = Path(root)
+    problems: list[str] = []
+    report = verify_path(root / ".autoresearch" / "events.sqlite")
+    if not report.ok:
+        problems.append(f"1 verify: {report}")
+    evs = events(root)
+    st = fold(evs)
+
+    # 2. git agrees with the fold.
+    head = _git(root, "rev-parse", "HEAD")
+    best_ref = _git(root, "rev-parse", "--verify", "-q", "refs/autoresearch/best")
+    cur = st.current()
+    allowed = {st.best_commit} | ({cur.commit} if cur is not None and cur.commit else set())
+    if head not in allowed:
+        problems.append(f"2 HEAD {head} is neither best {st.best_commit} nor the in-flight commit")
+    last_kept = None
+    for e in evs:  # the best moves on baseline_done, on a kept experiment, on an adopted user commit
+        if e.trigger == "baseline_done" or (e.trigger == "note" and e.payload.get("kind") == "adopted_user_commit"):
+            last_kept = e.payload["commit"]
+        elif e.trigger == "keep" and st.experiments[e.experiment].kind == "experiment":
+            last_kept = st.experiments[e.experiment].commit
+    if best_ref != st.best_commit or (last_kept is not None and best_ref != last_kept):
+        problems.append(f"2 best ref {best_ref} vs folded best {st.best_commit} vs last kept {last_kept}")
+    for exp in st.experiments.values():
+        if exp.kind == "experiment" and exp.commit:
+            ref = _git(root, "rev-parse", "--verify", "-q", f"refs/autoresearch/exp/{exp.n}")
+            if ref != exp.commit:
+                problems.append(f"2 exp {exp.n}: ref {ref} != recorded commit {exp.commit}")
+    dirty = _git(root, "status", "--porcelain")
+    if dirty:
+        problems.append(f"2 worktree not clean: {dirty!r}")
+
+    # 3. one terminal state each, none counted twice, none vanished.
+    ns = sorted(st.experiments)
+    if ns != list(range(len(ns))):
+        problems.append(f"3 experiment numbers not contiguous: {ns}")
+    by_exp: dict[int, list] = {}
+    for e in evs:
+        if e.experiment is not None:
+            by_exp.setdefault(e.experiment, []).append(e)
+    for n, seq in by_exp.items():
+        ends = [e for e in seq if e.dest in TERMINAL]
+        if len(ends) > 1 or (ends and ends[-1] is not seq[-1]):
+            problems.append(f"3 exp {n}: terminal events {[e.trigger for e in ends]} in {[e.trigger for e in seq]}")
+    live = [n for n, e in st.experiments.items() if not e.terminal]
+    if len(live) > 1 or (live and live[0] != max(ns)):
+        problems.append(f"3 experiments in flight: {live}")
+
+    # 4. results == the projection of the log.
+    out = cli("results", str(root), timeout=60)
+    if out.returncode != 0 or out.stdout != results_tsv(st):
+        problems.append(f"4 results differ from the log's projection (rc {out.returncode}): {out.stderr[-300:]}")
+
+    # 5. no survivor, no lock.
+    alive = tagged_processes(root)
+    if alive:
+        problems.append(f"5 run processes survived: {alive}")
+    locks = [str(p.relative_to(root)) for p in (root / ".git").rglob("*.lock")]
+    if locks:
+        problems.append(f"5 stale git locks: {locks}")
+
+    # 6. a recorded reply is never requested again.
+    if api is not None:
+        for e in evs:
+            if e.trigger == "proposed":
+                later = [t for n, t in api.calls if n == e.experiment and t > _ts(e.time)]
+                if later:
+                    problems.append(f"6 exp {e.experiment}: {len(later)} API request(s) after `proposed`")
+    return problems
+
+
+def kept_or_discarded(root: Path) -> int:
+    st = fold(events(root))
+    return sum(1 for e in st.experiments.values() if e.kind == "experiment" and e.state in ("kept", "discarded"))

@@ -1,0 +1,146 @@
+"""The command line as a user meets it: real processes, one-line errors, real outputs."""
+
+import json
+import sqlite3
+
+import pytest
+
+from autoresearch.eventlog import GENESIS_HASH, event_hash
+
+from daemon_fixtures import cli, make_workspace, state
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory):
+    """A workspace with a few finished experiments."""
+    root = make_workspace(tmp_path_factory.mktemp("cli") / "lab")
+    out = cli("run", str(root), "--max-experiments", "4")
+    assert out.returncode == 0, out.stderr
+    return root
+
+
+def one_line_error(out, code=2):
+    assert out.returncode == code, (out.returncode, out.stdout, out.stderr)
+    assert out.stderr.startswith("autoresearch: error: ") and out.stderr.count("\n") == 1, out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_results_is_autoresearch_tsv(lab):
+    out = cli("results", str(lab))
+    assert out.returncode == 0
+    lines = out.stdout.splitlines()
+    assert lines[0] == "commit\tval_bpb\tmemory_gb\tstatus\tdescription"
+    rows = [line.split("\t") for line in lines[1:]]
+    assert len(rows) == 5 and all(len(r) == 5 for r in rows)
+    assert rows[0][3:] == ["keep", "baseline"] and rows[0][2] == "0.5"
+    st = state(lab)
+    assert {r[3] for r in rows[1:]} <= {"keep", "discard", "crash", "reject"}
+    assert rows[1][0] == st.experiments[1].commit[:7] and float(rows[1][1]) == round(st.experiments[1].metric, 6)
+    assert "4 experiments" in out.stderr and "cost $0.0000" in out.stderr
+
+
+def test_status_history_show_plot(lab, tmp_path):
+    out = cli("status", str(lab))
+    assert out.returncode == 0 and "daemon:     stopped (not running)" in out.stdout and "best:" in out.stdout
+    data = json.loads(cli("status", str(lab), "--json").stdout)
+    assert data["daemon"] == "stopped" and data["running"] is False and sum(data["counts"].values()) == 4
+    history = cli("history", str(lab)).stdout.splitlines()
+    assert "boot" in history[0] and "stopped -> starting" in history[0] and len(history) == state(lab).seq
+    exp1 = cli("history", str(lab), "--experiment", "1").stdout.splitlines()
+    assert exp1 and all("experiment:1" in line for line in exp1)
+    show = cli("show", str(lab), "1")
+    assert show.returncode == 0 and "--- diff ---" in show.stdout and "+" in show.stdout
+    png = tmp_path / "progress.png"
+    out = cli("plot", str(lab), "-o", str(png))
+    assert out.returncode == 0 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    one_line_error(cli("show", str(lab), "99"))
+
+
+def test_verify_ok(lab):
+    out = cli("verify", str(lab))
+    assert out.returncode == 0 and "hash chain intact" in out.stdout and "every transition legal" in out.stdout
+
+
+@pytest.mark.parametrize("args", [
+    ("status", "/nonexistent/dir"),
+    ("run", "/nonexistent/dir"),
+    ("results", "/tmp"),
+    ("init", "/proc/self"),
+])
+def test_bad_paths_are_one_line(args):
+    one_line_error(cli(*args))
+
+
+def test_bad_config_is_one_line_and_touches_nothing(tmp_path):
+    root = make_workspace(tmp_path / "ws")
+    (root / "autoresearch.toml").write_text("[run]\ncommand = 3\n")
+    out = cli("run", str(root))
+    one_line_error(out)
+    assert "run.command must be a string" in out.stderr
+    assert not (root / ".autoresearch" / "events.sqlite").exists()
+
+
+def test_init_refuses_a_non_empty_directory(tmp_path):
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "mine.txt").write_text("keep me")
+    one_line_error(cli("init", str(tmp_path / "x")))
+    assert (tmp_path / "x" / "mine.txt").read_text() == "keep me"
+
+
+def test_a_corrupted_row_is_named_and_run_refuses(tmp_path):
+    root = make_workspace(tmp_path / "ws")
+    assert cli("run", str(root), "--max-experiments", "1").returncode == 0
+    db = root / ".autoresearch" / "events.sqlite"
+    conn = sqlite3.connect(db)
+    conn.execute("UPDATE events SET payload = '{\"metric\": 0.001}' WHERE seq = 6")
+    conn.commit()
+    conn.close()
+    out = cli("verify", str(root))
+    assert out.returncode == 4 and "event 6: hash mismatch" in out.stderr
+    out = cli("run", str(root))
+    one_line_error(out, 4)
+    assert "corrupt at event 6" in out.stderr
+    out = cli("repair", str(root))
+    assert out.returncode == 0 and "kept 5 events" in out.stdout
+    assert cli("verify", str(root)).returncode == 0
+    assert list(db.parent.glob("events.sqlite.bak-*"))  # the damaged log is kept
+    out = cli("run", str(root), "--max-experiments", "1")  # resumes from the valid prefix
+    assert out.returncode == 0, out.stderr
+    assert cli("verify", str(root)).returncode == 0
+
+
+def test_verify_catches_an_illegal_transition_with_a_valid_chain(tmp_path):
+    root = make_workspace(tmp_path / "ws")
+    assert cli("run", str(root), "--max-experiments", "1").returncode == 0
+    db = root / ".autoresearch" / "events.sqlite"
+    conn = sqlite3.connect(db)
+    rows = conn.execute("SELECT seq, time, aggregate, trigger, source, dest, payload FROM events ORDER BY seq").fetchall()
+    # Forge a whole new chain in which experiment 0 jumps straight to kept.
+    conn.execute("DELETE FROM events")
+    prev = GENESIS_HASH
+    for seq, time, aggregate, trigger, source, dest, payload in rows:
+        if aggregate == "experiment:0" and trigger == "launch":
+            trigger, dest = "keep", "training"
+        digest = event_hash(seq, time, aggregate, trigger, source, dest, payload, prev)
+        conn.execute("INSERT INTO events VALUES (?,?,?,?,?,?,?,?,?)",
+                     (seq, time, aggregate, trigger, source, dest, payload, prev, digest))
+        prev = digest
+    conn.commit()
+    conn.close()
+    out = cli("verify", str(root))
+    assert out.returncode == 4 and "illegal transition" in out.stderr and "'keep' is not allowed" in out.stderr
+
+
+def test_service_print_renders_the_unit(tmp_path):
+    root = make_workspace(tmp_path / "lab")
+    out = cli("service", "install", str(root), "--print")
+    assert out.returncode == 0
+    assert "Type=notify" in out.stdout and "WatchdogSec=" in out.stdout and str(root) in out.stdout
+
+
+def test_help_has_an_example_for_every_command():
+    top = cli("--help").stdout
+    for command in ("init", "run", "status", "history", "results", "show", "verify", "repair", "plot",
+                    "pause", "resume", "stop", "skip", "tail", "service"):
+        assert command in top
+        assert "example:\n  autoresearch " + command in cli(command, "--help").stdout
