@@ -208,3 +208,31 @@ def test_sd_notify_ready_status_watchdog_stopping(tmp_path, mode):
     gaps = [b - a for a, b in zip(pings, pings[1:])]
     assert len(pings) >= 7 and max(gaps) < 0.8, gaps
     assert min(gaps) > 0.4, gaps  # rate-limited, not a flood
+
+
+def test_journal_fields_are_queryable(tmp_path):
+    """Under systemd (INVOCATION_ID set, a journal socket present) every log line is a journal
+    record whose keys are fields: `journalctl -u autoresearch@lab EXPERIMENT=1 STATE=kept` works."""
+    from journal_fixtures import FakeJournal
+
+    root = make_workspace(tmp_path / "ws")
+    journal = FakeJournal(tmp_path / "journal.sock")
+    proc = spawn_daemon(root, "--max-experiments", "1",
+                        env={"INVOCATION_ID": "0" * 32, "AUTORESEARCH_JOURNAL_SOCKET": journal.path})
+    records = []
+    try:
+        while True:
+            try:
+                records.append(journal.receive())
+            except (TimeoutError, socket.timeout):
+                if proc.poll() is not None:
+                    break
+    finally:
+        if proc.poll() is None:
+            kill9(proc)
+        journal.close()
+    assert proc.returncode == 0
+    kept = [r for r in records if r.get("TRIGGER") in (b"keep", b"discard") and r.get("EXPERIMENT") == b"1"]
+    assert kept and kept[0]["STATE"] in (b"kept", b"discarded") and b"experiment:1" in kept[0]["MESSAGE"]
+    assert all(r.get("SYSLOG_IDENTIFIER") == b"autoresearch" for r in records)
+    assert any(r.get("STATE") == b"stopped" for r in records)

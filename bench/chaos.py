@@ -1,0 +1,195 @@
+"""Chaos runs against the real daemon process (issue 6).
+
+    python bench/chaos.py --kills 200 [--seed 1]     # random SIGKILL soak
+    python bench/chaos.py --outage 600               # the API unreachable for 600 s
+
+--kills N: the daemon (offline proposer, instant fixture workload) is started
+and SIGKILLed at a random instant, N times; after every kill the log must
+verify. Every 25 kills, and at the end, it is run to quiescence (one more
+experiment) and all invariants (tests/chaos_fixtures.py) are checked.
+Prints tried / survived / lost and where the kills landed.
+
+--outage S: the Anthropic API (a loopback fake) answers 529 for S seconds,
+then comes back. The daemon runs under a fake systemd (NOTIFY_SOCKET,
+WATCHDOG_USEC=2 s): we count watchdog pings, the largest gap between them,
+`block` events, requests, and experiments burned during the outage (must be
+0), then wait for the first experiment after the API returns.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import platform
+import random
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO), str(REPO / "tests")]
+
+from autoresearch.eventlog import verify_path  # noqa: E402
+from autoresearch.state import fold  # noqa: E402
+from chaos_fixtures import ApiLog, check_invariants, kept_or_discarded  # noqa: E402
+from daemon_fixtures import cli, events, kill_runs, make_workspace, spawn_daemon  # noqa: E402
+
+
+def machine() -> str:
+    return f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+
+
+def _last_trigger(root: Path) -> str:
+    db = root / ".autoresearch" / "events.sqlite"
+    if not db.exists():
+        return "(before the log existed)"
+    evs = events(root)
+    return evs[-1].trigger if evs else "(empty log)"
+
+
+def soak(workdir: Path, kills: int, seed: int = 1, max_delay: float = 2.0, check_every: int = 25) -> dict:
+    """Kill the daemon at random instants `kills` times; returns the figures (see module doc)."""
+    rng = random.Random(seed)
+    root = make_workspace(Path(workdir) / "ws")
+    landed: collections.Counter = collections.Counter()
+    problems: list[str] = []
+    survived = 0
+    t0 = time.monotonic()
+
+    def to_quiescence(label: str) -> None:
+        out = cli("run", str(root), "--max-experiments", "1", timeout=120)
+        if out.returncode != 0:
+            problems.append(f"{label}: restart exited {out.returncode}: {out.stderr[-500:]}")
+        problems.extend(f"{label}: {p}" for p in check_invariants(root))
+
+    for i in range(1, kills + 1):
+        proc = spawn_daemon(root)
+        time.sleep(rng.uniform(0.05, max_delay))
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        landed[_last_trigger(root)] += 1
+        db = root / ".autoresearch" / "events.sqlite"
+        report = verify_path(db) if db.exists() else None
+        if report is None or report.ok:
+            survived += 1
+        else:
+            problems.append(f"kill {i}: verify: {report}")
+        if i % check_every == 0 or i == kills:
+            to_quiescence(f"after kill {i}")
+    st = fold(events(root))
+    exps = [e for e in st.experiments.values() if e.kind == "experiment"]
+    ns = sorted(st.experiments)
+    lost = len(set(range(len(ns))) ^ set(ns)) + sum(1 for e in st.experiments.values() if not e.terminal)
+    kill_runs(root)  # only matters when an invariant already failed
+    return {"tried": kills, "survived": survived, "lost": lost, "problems": problems,
+            "experiments": len(exps), "counts": st.counts(), "events": st.seq, "boots": st.boots,
+            "seconds": round(time.monotonic() - t0, 1), "landed": dict(landed.most_common())}
+
+
+def outage(workdir: Path, seconds: float, recover_timeout: float = 900.0) -> dict:
+    from anthropic_fake import FakeAnthropic, error_reply, tweak_constant
+
+    root = make_workspace(Path(workdir) / "ws", proposer={"kind": "anthropic", "fallback": "reject"},
+                          anthropic={"timeout_seconds": 2.0, "deadline_seconds": 30.0,
+                                     "block_after_failures": 2})
+    sock_path = str(Path(workdir) / "notify.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(sock_path)
+    sock.settimeout(0.2)
+    pings: list[float] = []
+    done = threading.Event()
+
+    def listen():
+        while not done.is_set():
+            try:
+                if b"WATCHDOG=1" in sock.recv(65536):
+                    pings.append(time.monotonic())
+            except socket.timeout:
+                pass
+
+    listener = threading.Thread(target=listen, daemon=True)
+    listener.start()
+    down = [True]
+    overloaded = error_reply(529, "overloaded_error", "Overloaded")
+    api_log = ApiLog(lambda req: overloaded if down[0] else tweak_constant()(req))
+    with FakeAnthropic() as api:
+        api.default = api_log
+        env = {"ANTHROPIC_API_KEY": "sk-ant-chaos-outage", "ANTHROPIC_BASE_URL": api.url,
+               "NOTIFY_SOCKET": sock_path, "WATCHDOG_USEC": "2000000"}
+        proc = spawn_daemon(root, env=env)
+        t0 = time.monotonic()
+        try:
+            while time.monotonic() - t0 < seconds and proc.poll() is None:
+                time.sleep(1)
+            t_up = time.monotonic()
+            alive = proc.poll() is None
+            st = fold(events(root))
+            burned = sum(st.counts().values())
+            requests_down = len(api.requests)
+            blocks = sum(1 for e in events(root) if e.trigger == "block")
+            outage_pings = [t for t in pings if t0 <= t <= t_up]
+            down[0] = False
+            recovered = None
+            while proc.poll() is None and time.monotonic() - t_up < recover_timeout:
+                if kept_or_discarded(root) >= 1:
+                    recovered = time.monotonic() - t_up
+                    break
+                time.sleep(1)
+        finally:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+            rc = proc.wait(timeout=60)
+            done.set()
+            listener.join(timeout=5)
+            sock.close()
+    gaps = [b - a for a, b in zip(outage_pings, outage_pings[1:])]
+    problems = check_invariants(root, api_log)
+    kill_runs(root)
+    return {"outage_s": seconds, "alive_through_outage": alive, "experiments_burned": burned,
+            "blocks": blocks, "requests_during_outage": requests_down,
+            "watchdog_pings": len(outage_pings), "max_ping_gap_s": round(max(gaps), 2) if gaps else None,
+            "daemon_state_at_end_of_outage": st.daemon, "recovered_after_s": None if recovered is None
+            else round(recovered, 1), "exit_code": rc, "problems": problems}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--kills", type=int, help="SIGKILL the daemon at N random instants")
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--outage", type=float, nargs="?", const=600.0,
+                    help="make the API unreachable for SECONDS (default 600)")
+    args = ap.parse_args()
+    if args.kills is None and args.outage is None:
+        ap.error("give --kills N and/or --outage [SECONDS]")
+    print(f"machine: {machine()}")
+    ok = True
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.kills is not None:
+            r = soak(Path(tmp) / "soak", args.kills, args.seed)
+            print(f"soak: tried {r['tried']}, survived {r['survived']}, lost {r['lost']} "
+                  f"({r['seconds']} s; {r['experiments']} experiments {r['counts']}, {r['events']} events, "
+                  f"{r['boots']} boots)")
+            print("  kills landed after: " + ", ".join(f"{k} {v}" for k, v in r["landed"].items()))
+            for p in r["problems"]:
+                print("  VIOLATION:", p)
+            ok &= not r["problems"] and r["survived"] == r["tried"] and r["lost"] == 0
+        if args.outage is not None:
+            r = outage(Path(tmp) / "outage", args.outage)
+            print("outage: " + ", ".join(f"{k} {v}" for k, v in r.items() if k != "problems"))
+            for p in r["problems"]:
+                print("  VIOLATION:", p)
+            ok &= (not r["problems"] and r["alive_through_outage"] and r["experiments_burned"] == 0
+                   and r["recovered_after_s"] is not None)
+    print("OK" if ok else "FAILED")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
