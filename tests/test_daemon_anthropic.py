@@ -99,3 +99,17 @@ def test_a_recorded_reply_is_reapplied_not_requested_again(tmp_path):
         assert len(api.requests) == 1  # the restart re-applied the recorded edit
     exp = state(root).experiments[1]
     assert exp.terminal and exp.files == recorded and exp.interrupts == 1
+
+
+def test_the_cost_cap_exhausts_the_daemon(tmp_path):
+    root = make_workspace(tmp_path / "ws", proposer={"kind": "anthropic", "fallback": "reject"},
+                          anthropic={"timeout_seconds": 20.0, "deadline_seconds": 30.0},
+                          limits={"max_cost_usd": 0.0001})
+    with FakeAnthropic() as api:
+        api.default = tweak_constant()
+        out = cli("run", str(root), env=_env(api))
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert len(api.requests) == 1
+    st = state(root)
+    assert st.daemon == "exhausted" and "max_cost_usd" in st.reason and st.cost_usd >= 0.0001
+    assert [e.state for e in st.experiments.values()][1:] in (["kept"], ["discarded"])
