@@ -16,6 +16,7 @@ reconciles git, refs and leftover processes with the folded state.
 from __future__ import annotations
 
 import difflib
+import errno
 import fcntl
 import hashlib
 import json
@@ -23,6 +24,7 @@ import logging
 import math
 import os
 import signal
+import sqlite3
 import statistics
 import threading
 import time
@@ -53,6 +55,7 @@ LOCK_NAME = "daemon.lock"
 INBOX_NAME = "inbox"
 TICK_S = 0.25  # longest sleep of the main loop between services
 BACKOFF_S = (5, 15, 30, 60, 120, 300, 600)  # blocked: wait before retrying
+DISK_FULL_RETRY_S = (0.5, 30.0)  # first and longest wait between appends while the disk is full
 PROGRAM_SETTLE_S = 0.2  # an editor's save may take several writes; record the settled text once
 
 
@@ -169,6 +172,13 @@ def _harness_dir(cfg: config_mod.Config) -> Path | None:
         return None  # not the built-in workload
     from .trainer import harness_dir
     return harness_dir()
+
+
+def _disk_full(exc: BaseException) -> bool:
+    """SQLITE_FULL, or ENOSPC/EDQUOT from the OS: space may come back, so waiting helps."""
+    if isinstance(exc, sqlite3.Error):
+        return getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or "disk is full" in str(exc)
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 def _finite_or_none(value: float | None) -> float | None:
@@ -290,7 +300,7 @@ class Daemon:
 
     def _record(self, aggregate: str, trigger: str, source: str, dest: str, payload: dict) -> None:
         faults.point(f"pre:{trigger}")
-        event = self.log.append(aggregate, trigger, source, dest, payload)
+        event = self._append(aggregate, trigger, source, dest, payload)
         apply(self.state, event)
         structlog.contextvars.bind_contextvars(experiment=event.experiment, state=dest, trigger=trigger)
         small = {k: v for k, v in payload.items()
@@ -299,6 +309,37 @@ class Daemon:
         log.info(f"{aggregate} {trigger}: {source} -> {dest}", seq=event.seq, **small)
         self.notifier.status(self._status())
         faults.point(f"post:{trigger}")
+
+    def _append(self, aggregate: str, trigger: str, source: str, dest: str, payload: dict):
+        """Append one event; while the disk is full, wait and retry the very same append.
+
+        Retrying is safe: a failed append left no row (one transaction per event) and the side
+        effect that follows it has not happened. Meanwhile we serve nothing but the watchdog:
+        nothing else can be recorded, so nothing else may be done.
+        """
+        delay, waiting_since = DISK_FULL_RETRY_S[0], None
+        while True:
+            try:
+                event = self.log.append(aggregate, trigger, source, dest, payload)
+            except (sqlite3.OperationalError, OSError) as exc:
+                if not _disk_full(exc):
+                    raise
+                if waiting_since is None:
+                    waiting_since = time.monotonic()
+                    log.error("disk full: cannot record the next event; waiting for space",
+                              trigger=trigger, path=str(self.log.path), error=str(exc))
+                    self.notifier.status(f"blocked: disk full ({self.log.path.parent}); "
+                                         f"retrying {aggregate} {trigger}")
+                end = time.monotonic() + delay
+                while time.monotonic() < end:
+                    self.watchdog.tick()
+                    time.sleep(min(TICK_S, max(0.0, end - time.monotonic())))
+                delay = min(delay * 2, DISK_FULL_RETRY_S[1])
+                continue
+            if waiting_since is not None:
+                log.info("disk space is back; event recorded", trigger=trigger,
+                         waited_s=round(time.monotonic() - waiting_since, 1))
+            return event
 
     def _status(self) -> str:
         elapsed = time.monotonic() - self._run_started if self._run is not None else None
@@ -343,6 +384,8 @@ class Daemon:
 
         class Handler(FileSystemEventHandler):
             def on_any_event(self, event):
+                if event.event_type in ("opened", "closed_no_write"):
+                    return  # a read, not a change: our own reads of program.md would wake us forever
                 for path in (event.src_path, getattr(event, "dest_path", "") or ""):
                     path = os.fsdecode(path)
                     folder, name = os.path.split(path)
@@ -640,7 +683,6 @@ class Daemon:
                 lines = result.log_tail.strip().splitlines()
                 self._block(f"prepare failed: {lines[-1] if lines else 'exit ' + str(result.exit_code)}")
                 return
-        self._failures = 0
         d.fire("resume_loop" if self.state.baseline_done else "begin_baseline")
 
     def _block(self, reason: str, retry_after: float | None = None) -> None:
@@ -694,6 +736,8 @@ class Daemon:
         self.machines.forget(n)
         self._result = None
         exp = self.state.experiments[n]
+        if exp.kind == "experiment" or exp.state == "kept":
+            self._failures = 0  # the loop made progress: a later block starts the backoff afresh
         if exp.state == "kept":
             if self.ws.best() != exp.commit:
                 self.ws.set_best(exp.commit)

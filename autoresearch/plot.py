@@ -49,10 +49,14 @@ def plot(state: State, out: Path, direction: str = "minimize", title: str = "") 
         y = high + pad if direction == "minimize" else low - pad
         ax.scatter(xs_failed, [y] * len(xs_failed), marker="x", color="#cf222e",
                    label="crashed / rejected", zorder=2)
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("experiment")
     ax.set_ylabel("val_bpb (" + ("lower" if direction == "minimize" else "higher") + " is better)")
-    kept = sum(1 for e in rows if e.state == "kept" and e.kind == "experiment")
-    ax.set_title(title or f"{len(rows)} experiments, {kept} kept")
+    done = [e for e in rows if e.kind == "experiment"]
+    kept = sum(1 for e in done if e.state == "kept")
+    ax.set_title(title or f"baseline + {len(done)} experiments, {kept} kept")
     ax.grid(alpha=0.3)
     ax.legend(loc="best", fontsize=8)
     fig.tight_layout()

@@ -53,6 +53,15 @@ def _last_trigger(root: Path) -> str:
     return evs[-1].trigger if evs else "(empty log)"
 
 
+def _cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds the process has used so far (Linux /proc)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return round((int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"), 2)
+
+
 def soak(workdir: Path, kills: int, seed: int = 1, max_delay: float = 2.0, check_every: int = 25) -> dict:
     """Kill the daemon at random instants `kills` times; returns the figures (see module doc)."""
     rng = random.Random(seed)
@@ -135,6 +144,7 @@ def outage(workdir: Path, seconds: float, recover_timeout: float = 900.0) -> dic
             requests_down = len(api.requests)
             blocks = sum(1 for e in events(root) if e.trigger == "block")
             outage_pings = [t for t in pings if t0 <= t <= t_up]
+            cpu_s = _cpu_seconds(proc.pid)
             down[0] = False
             recovered = None
             while proc.poll() is None and time.monotonic() - t_up < recover_timeout:
@@ -154,7 +164,7 @@ def outage(workdir: Path, seconds: float, recover_timeout: float = 900.0) -> dic
     kill_runs(root)
     return {"outage_s": seconds, "alive_through_outage": alive, "experiments_burned": burned,
             "blocks": blocks, "requests_during_outage": requests_down,
-            "watchdog_pings": len(outage_pings), "max_ping_gap_s": round(max(gaps), 2) if gaps else None,
+            "daemon_cpu_s": cpu_s, "watchdog_pings": len(outage_pings), "max_ping_gap_s": round(max(gaps), 2) if gaps else None,
             "daemon_state_at_end_of_outage": st.daemon, "recovered_after_s": None if recovered is None
             else round(recovered, 1), "exit_code": rc, "problems": problems}
 

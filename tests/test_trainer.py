@@ -290,7 +290,7 @@ def test_train_py_end_to_end_on_stdlib(tmp_path, cache):
                             "total_tokens_M", "num_steps", "num_params_M", "depth"}
     val_bpb = float(re.findall(METRIC_RE, run.stdout, re.M)[-1])
     assert float(re.findall(MEMORY_RE, run.stdout, re.M)[-1]) > 0
-    assert 3.0 <= float(summary["training_seconds"]) < 10 and int(summary["num_steps"]) >= 1
+    assert 3.0 <= float(summary["training_seconds"]) < 60 and int(summary["num_steps"]) >= 1
     # It learned: better than the uniform distribution over the vocabulary on the same bytes.
     entry = harness.load(ws).entry
     meta = json.loads((entry / "meta.json").read_text())
@@ -304,10 +304,10 @@ def test_train_py_end_to_end_on_stdlib(tmp_path, cache):
 def test_train_py_fails_fast_on_divergence(tmp_path, cache):
     ws = workspace(tmp_path / "lab")
     text = workload_files("cpu")["train.py"]
-    text = re.sub(r"^EMBED_LR = .*$", "EMBED_LR = 1e30  # diverge", text, flags=re.M)
-    text = re.sub(r"^MATRIX_LR = .*$", "MATRIX_LR = 1e30  # diverge", text, flags=re.M)
+    # A NaN in the logits from the first step on (an agent's broken edit), whatever the machine's speed.
+    text = re.sub(r"^SOFTCAP = .*$", 'SOFTCAP = float("nan")  # broken', text, flags=re.M)
     (ws / "train.py").write_text(text)
-    run = run_train(ws, cache, "5")
+    run = run_train(ws, cache, "30")
     assert run.returncode != 0
-    assert re.search(r"^FAIL: training loss .* diverged", run.stdout, re.M), run.stdout[-2000:] + run.stderr[-2000:]
+    assert re.search(r"^FAIL: training loss nan at step 0: diverged", run.stdout, re.M), run.stdout[-2000:] + run.stderr[-2000:]
     assert not re.search(METRIC_RE, run.stdout, re.M)

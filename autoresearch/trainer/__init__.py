@@ -76,7 +76,7 @@ PROFILES: dict[str, dict] = {
 TEMPLATE_DEFAULTS: dict[str, dict] = {
     "cpu": {
         "DEPTH": 4,
-        "MODEL_DIM": 192,
+        "MODEL_DIM": 128,
         "HEAD_DIM": 64,
         "MLP_RATIO": 4,
         "TOTAL_BATCH_TOKENS": 4096,
