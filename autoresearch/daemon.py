@@ -806,9 +806,15 @@ class Daemon:
             self._spend(model, error)
             if self.cfg.proposer.fallback == "reject" or proposer.name == "offline":
                 model.fire("reject", reason=f"no edit: {error.reason}")
+                if proposer.name == "offline":
+                    self._search_exhausted(error)
                 return
             self._reset(best)  # whatever the agent left behind
-            proposal = self._make_proposer(self.cfg, "offline").propose(ctx)
+            try:
+                proposal = self._make_proposer(self.cfg, "offline").propose(ctx)
+            except NoEdit as fallback_error:
+                model.fire("reject", reason=f"no edit: {error.reason}; offline fallback: {fallback_error.reason}")
+                return
             proposal.meta.update(fallback_from=proposer.name, fallback_reason=error.reason)
         elif isinstance(error, ProposerUnavailable):
             self._spend(model, error)
@@ -833,6 +839,12 @@ class Daemon:
                    proposer=proposal.proposer, usage=proposal.usage, cost_usd=proposal.cost_usd,
                    meta=proposal.meta)
         self._commit(self.state.experiments[cur.n], model, best)
+
+    def _search_exhausted(self, error: NoEdit) -> None:
+        """The offline search has nothing left to try: stop for good rather than spin on rejections."""
+        d = self.machines.daemon
+        if d.state in ("running", "paused"):
+            d.fire("exhaust", reason=f"offline search exhausted: {error.reason}")
 
     def _scope_violations(self, proposal: Proposal, best: str, human: dict[str, bytes]) -> list[str]:
         """The scope guard: only the editable files may differ from best, and only by a proposer

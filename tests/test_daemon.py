@@ -257,3 +257,14 @@ def test_caps_exhaust_the_daemon(tmp_path):
     st = check_invariants(root)
     assert st.daemon == "exhausted" and "max_experiments 2" in st.reason
     assert sum(1 for e in st.experiments.values() if e.kind == "experiment") == 2
+
+
+def test_an_exhausted_offline_search_ends_the_run(tmp_path):
+    # FLAG is the only UPPERCASE constant and small integers are enumerated: after a few
+    # experiments there is nothing new to try.
+    tiny = 'FLAG = 1\nprint(f"val_bpb: {1.0 + FLAG}")\n'
+    root = make_workspace(tmp_path / "ws", train=tiny)
+    assert Daemon(root, max_experiments=20).run() == 0
+    st = check_invariants(root)
+    assert st.daemon == "exhausted" and "offline search exhausted" in st.reason
+    assert len(st.experiments) < 10  # it stopped instead of spinning on rejections
