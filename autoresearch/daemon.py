@@ -244,6 +244,8 @@ class Daemon:
             path = self.state_dir / EVENTS_NAME
             self.state = State()
             if path.exists():
+                # Verifying and replaying a long log takes a while: tell systemd we are alive.
+                self.notifier.extend_timeout(120_000_000)
                 report = verify_path(path)
                 if not report.ok:
                     raise CorruptLogError(f"{path}: corrupt at {report}; see `autoresearch verify` and "
@@ -266,12 +268,24 @@ class Daemon:
             raise ConfigError(f"workload.profile changed from {old!r} to {new!r}: results would not be "
                               "comparable; start a new workspace instead")
 
+    def _agent_leftovers_possible(self) -> bool:
+        """Whether uncommitted changes may be an agent CLI's (it edits the worktree itself):
+        it was proposing when we died (interrupted or not), or its experiment ended without a
+        commit (rejected) and that end is the last event: we died before rolling it back."""
+        last = self.state.experiments.get(self.state.next_n() - 1)
+        if last is None or last.proposer != "command" or last.commit:
+            return False
+        if not last.terminal:
+            return True
+        tail = list(self.log.events(since=self.state.seq - 1)) if self.log is not None else []
+        return bool(tail) and tail[-1].aggregate == f"experiment:{last.n}"
+
     def _check_workspace(self) -> None:
         cur = self.state.current()
         ours = set(HUMAN_FILES) | (set(self.cfg.run.editable) if cur is not None else set())
         foreign = [p for p in self.ws.changes().paths if p not in ours]
-        if cur is not None and cur.state == "proposing" and cur.proposer == "command":
-            foreign = []  # an agent CLI was editing when we died: its edits are judged/rolled back
+        if self._agent_leftovers_possible():
+            foreign = []  # an agent CLI's edits, from before we died: judged or rolled back
         if foreign:
             raise WorkspaceError(f"{self.root}: uncommitted changes the daemon did not make: "
                                  f"{', '.join(foreign[:5])}{' ...' if len(foreign) > 5 else ''}; "
@@ -281,6 +295,9 @@ class Daemon:
         known = {e.commit for e in self.state.experiments.values() if e.commit}
         if cur is not None:  # committed by us just before a crash, not yet in the log
             known.add(self.ws.exp_ref(cur.n))
+            if cur.files is not None and self.state.best_commit and head != self.state.best_commit \
+                    and self.ws.commit_matches(head, cur.files, parent=self.state.best_commit):
+                known.add(head)  # killed between `git commit` and setting its ref
         self._adopt_head = None
         if head != best and head not in known:
             # The user's own commits on top of best are fine unless they touch editable files:
@@ -997,6 +1014,6 @@ class Daemon:
         for p, data in human.items():
             path = self.root / p
             if not path.exists() or path.read_bytes() != data:
-                tmp = path.with_name(f".{p}.tmp")
+                tmp = self.state_dir / f".{p}.tmp"  # not in the worktree: a kill here leaves no stray file
                 tmp.write_bytes(data)
                 os.replace(tmp, path)

@@ -361,7 +361,7 @@ class Workspace:
         if bad:
             raise ValueError(f"not editable: {', '.join(sorted(bad))}")
         for rel, text in files.items():
-            _atomic_write(self.root / rel, text)
+            _atomic_write(self.root / rel, text, tmp_dir=self.state_dir)
 
     def file_hash(self, path: str) -> str:
         """SHA-256 of the worktree file (recorded at commit, checked before launch)."""
@@ -484,14 +484,18 @@ def _check_relpath(rel: str, exc: type[Exception]) -> None:
         raise exc(f"bad file path {rel!r}: use a normalised path relative to the workspace")
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    """Write via a temp file + rename so a reader never sees a half-written file."""
+def _atomic_write(path: Path, text: str, tmp_dir: Path | None = None) -> None:
+    """Write via a temp file + rename so a reader never sees a half-written file.
+
+    ``tmp_dir`` (same file system) holds the temp file: the daemon passes its state directory,
+    so a kill between write and rename leaves no stray file in the worktree.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         mode = os.stat(path).st_mode & 0o7777
     except FileNotFoundError:
         mode = 0o666 & ~_UMASK
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=tmp_dir or path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
             f.write(text)

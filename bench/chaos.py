@@ -25,6 +25,7 @@ import platform
 import random
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -62,7 +63,20 @@ def _cpu_seconds(pid: int) -> float | None:
     return round((int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"), 2)
 
 
-def soak(workdir: Path, kills: int, seed: int = 1, max_delay: float = 2.0, check_every: int = 25) -> dict:
+def _boots(db: Path) -> int:
+    if not db.exists():
+        return 0
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
+    try:
+        return con.execute("SELECT count(*) FROM events WHERE trigger = 'boot'").fetchone()[0]
+    except sqlite3.OperationalError:  # the file exists but its tables not yet (being created)
+        return 0
+    finally:
+        con.close()
+
+
+def soak(workdir: Path, kills: int, seed: int = 1, max_delay: float = 1.0, check_every: int = 25,
+         startup_share: float = 0.1) -> dict:
     """Kill the daemon at random instants `kills` times; returns the figures (see module doc)."""
     rng = random.Random(seed)
     root = make_workspace(Path(workdir) / "ws")
@@ -77,14 +91,28 @@ def soak(workdir: Path, kills: int, seed: int = 1, max_delay: float = 2.0, check
             problems.append(f"{label}: restart exited {out.returncode}: {out.stderr[-500:]}")
         problems.extend(f"{label}: {p}" for p in check_invariants(root))
 
+    db = root / ".autoresearch" / "events.sqlite"
+    in_startup = 0
     for i in range(1, kills + 1):
+        boots = _boots(db)
         proc = spawn_daemon(root)
-        time.sleep(rng.uniform(0.05, max_delay))
+        if rng.random() < startup_share:  # anywhere from exec to the first steps
+            in_startup += 1
+            time.sleep(rng.uniform(0.0, 1.0))
+        else:  # in the loop: a random instant after this process's `boot` event
+            end = time.monotonic() + 30
+            while _boots(db) == boots and proc.poll() is None and time.monotonic() < end:
+                time.sleep(0.01)
+            time.sleep(rng.uniform(0.0, max_delay))
         if proc.poll() is None:
             os.kill(proc.pid, signal.SIGKILL)
+        elif proc.returncode != 0:  # without limits it never ends by itself: it refused to start
+            problems.append(f"kill {i}: the daemon exited {proc.returncode} by itself")
+            to_quiescence(f"after kill {i}")  # says why; no point in going on
+            kills = i
+            break
         proc.wait(timeout=30)
         landed[_last_trigger(root)] += 1
-        db = root / ".autoresearch" / "events.sqlite"
         report = verify_path(db) if db.exists() else None
         if report is None or report.ok:
             survived += 1
@@ -97,7 +125,7 @@ def soak(workdir: Path, kills: int, seed: int = 1, max_delay: float = 2.0, check
     ns = sorted(st.experiments)
     lost = len(set(range(len(ns))) ^ set(ns)) + sum(1 for e in st.experiments.values() if not e.terminal)
     kill_runs(root)  # only matters when an invariant already failed
-    return {"tried": kills, "survived": survived, "lost": lost, "problems": problems,
+    return {"tried": kills, "in_startup": in_startup, "survived": survived, "lost": lost, "problems": problems,
             "experiments": len(exps), "counts": st.counts(), "events": st.seq, "boots": st.boots,
             "seconds": round(time.monotonic() - t0, 1), "landed": dict(landed.most_common())}
 
@@ -183,7 +211,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         if args.kills is not None:
             r = soak(Path(tmp) / "soak", args.kills, args.seed)
-            print(f"soak: tried {r['tried']}, survived {r['survived']}, lost {r['lost']} "
+            print(f"soak: tried {r['tried']} ({r['in_startup']} during start-up), survived {r['survived']}, lost {r['lost']} "
                   f"({r['seconds']} s; {r['experiments']} experiments {r['counts']}, {r['events']} events, "
                   f"{r['boots']} boots)")
             print("  kills landed after: " + ", ".join(f"{k} {v}" for k, v in r["landed"].items()))

@@ -20,6 +20,7 @@ import time
 from datetime import datetime
 from pathlib import Path
 
+from autoresearch.daemon import HUMAN_FILES
 from autoresearch.eventlog import verify_path
 from autoresearch.report import results_tsv
 from autoresearch.state import TERMINAL, fold
@@ -100,7 +101,9 @@ def check_invariants(root: Path, api: ApiLog | None = None) -> list[str]:
             ref = _git(root, "rev-parse", "--verify", "-q", f"refs/autoresearch/exp/{exp.n}")
             if ref != exp.commit:
                 problems.append(f"2 exp {exp.n}: ref {ref} != recorded commit {exp.commit}")
-    dirty = _git(root, "status", "--porcelain")
+    # The human's files (program.md, the config) are theirs to edit at any time; nothing else may differ.
+    dirty = [line for line in (_git(root, "status", "--porcelain") or "").splitlines()
+             if line.split(maxsplit=1)[-1] not in HUMAN_FILES]
     if dirty:
         problems.append(f"2 worktree not clean: {dirty!r}")
 

@@ -16,19 +16,22 @@ tests/chaos_fixtures.check_invariants must find nothing.
 
 from __future__ import annotations
 
+import os
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
 
+from autoresearch.daemon import submit_request
 from autoresearch.machine import DAEMON_TRANSITIONS, EXPERIMENT_TRANSITIONS
 from autoresearch.state import fold
 
 from anthropic_fake import FakeAnthropic, text_reply, tweak_constant
 from chaos_fixtures import SCRIPTED_AGENT, ApiLog, check_invariants, kept_or_discarded
-from daemon_fixtures import cli, current, events, has_event, kill_runs, make_workspace, spawn_daemon, wait_for
+from daemon_fixtures import REPO, cli, current, events, git, has_event, kill_runs, make_workspace, spawn_daemon, wait_for
 
 TRIGGERS = sorted({row["trigger"] for row in DAEMON_TRANSITIONS + EXPERIMENT_TRANSITIONS})
 
@@ -116,15 +119,18 @@ def _requests(case, point, trigger):
     """pause / resume / skip through the inbox (the CLI) of a running daemon."""
     proc = case.spawn(point)
     wait_for(lambda: has_event(case.root, "baseline_done") or proc.poll() is not None, timeout=60)
+    state_dir = case.root / ".autoresearch"
+    # What `autoresearch pause|resume|skip` writes, without its wait for the answer
+    # (the daemon is meant to die before answering).
     if trigger in ("pause", "resume"):
-        cli("pause", str(case.root))  # its own exit code is moot: the daemon may die answering
+        submit_request(state_dir, "pause")
         if trigger == "resume":
             wait_for(lambda: has_event(case.root, "pause") or proc.poll() is not None, timeout=30)
-            cli("resume", str(case.root))
+            submit_request(state_dir, "resume")
     else:
         case.mode.write_text("sleep:60")  # runs from now on last long enough to be skipped
         wait_for(lambda: current(case.root, "training") or proc.poll() is not None, timeout=60)
-        cli("skip", str(case.root))
+        submit_request(state_dir, "skip")
     try:
         return proc.wait(timeout=30)
     except Exception:
@@ -233,3 +239,50 @@ def test_crash_at_every_transition(tmp_path, trigger, window):
 def test_every_trigger_has_a_scenario():
     assert sorted(REACHES) == TRIGGERS
     assert set(name for name, _ in REACHES.values()) == set(SCENARIOS)
+
+
+def test_kill_between_git_commit_and_its_ref(tmp_path):
+    """Inside the commit step: HEAD already on the new commit, refs/autoresearch/exp/N not yet
+    set, the log still at `proposed` (a window the random soak found: no event separates them)."""
+    case = Case(tmp_path, {})
+    try:
+        assert case.run("--max-experiments", "1", crash="pre:commit").returncode == -signal.SIGKILL
+        git(case.root, "update-ref", "-d", "refs/autoresearch/exp/1")  # back to before the ref
+        assert git(case.root, "rev-parse", "HEAD") != git(case.root, "rev-parse", "refs/autoresearch/best")
+        recover(case)
+        assert check_invariants(case.root) == []
+    finally:
+        case.close()
+
+
+def test_a_rejected_agent_edit_left_by_a_kill_is_rolled_back(tmp_path):
+    """post:reject of an agent CLI's out-of-scope file: the restart must roll it back, not refuse
+    to start over "uncommitted changes the daemon did not make" (found by the matrix)."""
+    case = Case(tmp_path, _config("agent", tmp_path))
+    try:
+        assert case.run("--max-experiments", "1", crash="post:reject").returncode == -signal.SIGKILL
+        assert (case.root / "notes.txt").exists()
+        out = case.run("--max-experiments", "1")
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert not (case.root / "notes.txt").exists()
+        assert check_invariants(case.root) == []
+    finally:
+        case.close()
+
+
+def test_a_kill_inside_an_atomic_write_leaves_no_stray_file(tmp_path):
+    """SIGKILL between writing the temp file and renaming it over train.py (found by the soak:
+    a stray `.train.py.*.tmp` in the worktree made every restart refuse)."""
+    root = make_workspace(tmp_path / "ws")
+    code = ("import os, signal, sys\n"
+            "from autoresearch.workspace import Workspace\n"
+            "ws = Workspace.open(sys.argv[1], ['train.py'])\n"
+            "os.replace = lambda *a: os.kill(os.getpid(), signal.SIGKILL)\n"
+            "ws.write_files({'train.py': 'WIDTH = 1\\n'})\n")
+    out = subprocess.run([sys.executable, "-c", code, str(root)], cwd=tmp_path, capture_output=True,
+                         env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert out.returncode == -signal.SIGKILL
+    assert git(root, "status", "--porcelain", "--untracked-files=all") == ""
+    out = cli("run", str(root), "--max-experiments", "1")  # and a daemon starts and runs there
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert check_invariants(root) == []
