@@ -89,6 +89,11 @@ class RedactingFilter(logging.Filter):
     """Rewrites each record's message with secrets removed (never drops a record)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, dict):
+            # A structlog event dict on its way to a ProcessorFormatter: it must stay a
+            # dict (the formatter copies it), so redact its values in place of the text.
+            record.msg = redact_obj(record.msg)
+            return True
         try:
             message = record.getMessage()
         except Exception:  # a malformed record: leave it to the handler

@@ -176,3 +176,27 @@ def test_a_fresh_process_logs_json_to_stdout(tmp_path):
 
 def test_fields_for_a_non_json_line():
     assert logs.fields_for_line("not json")["MESSAGE"] == "not json"
+
+
+def test_the_secrets_filter_on_an_earlier_handler_keeps_structlog_events_intact(tmp_path, monkeypatch):
+    # The SDK guard adds its redacting filter to whatever handlers the root logger has,
+    # and a filter may rewrite the record every later handler sees. A structlog event
+    # dict must stay a dict (and lose the secret) for our formatter after it.
+    from autoresearch import secrets
+
+    monkeypatch.delenv("INVOCATION_ID", raising=False)
+    monkeypatch.delenv("JOURNAL_STREAM", raising=False)
+    secret = "sk-ant-api03-zyxwvutsrqponmlk"
+    earlier = logging.StreamHandler(io.StringIO())
+    earlier.addFilter(secrets.RedactingFilter())
+    root = logging.getLogger()
+    root.addHandler(earlier)
+    try:
+        out = io.StringIO()
+        logs.configure(tmp_path, stream=out, journal="off")
+        logs.get_logger().error("auth failed", detail=f"key {secret} rejected")
+    finally:
+        root.removeHandler(earlier)
+        logs.close()
+    got = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert [(g["event"], g["detail"]) for g in got] == [("auth failed", "key [REDACTED] rejected")]
