@@ -302,6 +302,17 @@ def _hints(user: bool) -> list[str]:
     return []
 
 
+def _installed_unit(workspace: Path, user: bool, name: str | None,
+                    directory: Path | None) -> tuple[str, Path]:
+    """The workspace's unit name and file; a UserError if it is not installed."""
+    unit = unit_name(Path(workspace).expanduser(), name)
+    path = (directory or unit_dir(user)) / unit
+    if not path.exists():
+        raise UserError(f"{unit} is not installed (no {path}); "
+                        f"install it with `autoresearch service install{' --user' if user else ''}`")
+    return unit, path
+
+
 def uninstall(
     workspace: Path,
     *,
@@ -312,10 +323,7 @@ def uninstall(
     check_pid1: bool = True,
 ) -> str:
     """disable --now, remove the unit file, daemon-reload. Returns the unit name."""
-    unit = unit_name(Path(workspace).expanduser(), name)
-    path = (directory or unit_dir(user)) / unit
-    if not path.exists():
-        raise UserError(f"{unit} is not installed (no {path})")
+    unit, path = _installed_unit(workspace, user, name, directory)
     exe = _require_systemd(systemctl, check_pid1)
     # Not checked: a unit that failed or was never started still has to go.
     _systemctl(exe, user, "disable", "--now", unit, check=False)
@@ -338,11 +346,7 @@ def status(
     check_pid1: bool = True,
 ) -> str:
     """`systemctl status` of the workspace's unit (inactive and failed units included)."""
-    unit = unit_name(Path(workspace).expanduser(), name)
-    path = (directory or unit_dir(user)) / unit
-    if not path.exists():
-        raise UserError(f"{unit} is not installed (no {path}); "
-                        f"install it with `autoresearch service install{' --user' if user else ''}`")
+    unit, _path = _installed_unit(workspace, user, name, directory)
     exe = _require_systemd(systemctl, check_pid1)
     # Exit 3 means "not running": still a status worth showing.
     proc = _systemctl(exe, user, "status", "--no-pager", "--full", unit, check=False)

@@ -17,6 +17,7 @@ look at the conversation so far (handy for end-to-end tests: see
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import re
@@ -222,3 +223,17 @@ class FakeAnthropic:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+@contextlib.contextmanager
+def fake_api_for_sdk(monkeypatch, key: str):
+    """A running FakeAnthropic that the SDK in this process talks to with ``key``.
+
+    On exit, checks that the code under test sent no request beyond the script.
+    """
+    with FakeAnthropic() as fake:
+        monkeypatch.setenv("ANTHROPIC_BASE_URL", fake.url)
+        monkeypatch.setenv("ANTHROPIC_API_KEY", key)
+        monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
+        yield fake
+        assert fake.errors == [], "the proposer sent more requests than scripted"

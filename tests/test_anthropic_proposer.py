@@ -10,7 +10,7 @@ import pytest
 from autoresearch.config import AnthropicConfig, Prices
 from autoresearch.proposers.anthropic import AnthropicProposer
 from autoresearch.proposers.base import NoEdit, ProposerAuthError
-from tests.anthropic_fake import (FakeAnthropic, Reply, editor, error_reply, finish, message,
+from tests.anthropic_fake import (fake_api_for_sdk, Reply, editor, error_reply, finish, message,
                                   text_reply, tool_reply, tweak_constant, usage)
 from tests.proposer_fixtures import TRAIN_PY, make_ctx, make_workspace
 
@@ -22,12 +22,8 @@ CFG = AnthropicConfig(model="claude-test", max_tokens=1024, timeout_seconds=5, m
 
 @pytest.fixture
 def api(monkeypatch):
-    with FakeAnthropic() as fake:
-        monkeypatch.setenv("ANTHROPIC_BASE_URL", fake.url)
-        monkeypatch.setenv("ANTHROPIC_API_KEY", KEY)
-        monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
+    with fake_api_for_sdk(monkeypatch, KEY) as fake:
         yield fake
-        assert fake.errors == [], "the proposer sent more requests than scripted"
 
 
 @pytest.fixture

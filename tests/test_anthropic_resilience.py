@@ -14,7 +14,7 @@ from autoresearch import secrets
 from autoresearch.config import AnthropicConfig
 from autoresearch.proposers.anthropic import AnthropicProposer
 from autoresearch.proposers.base import NoEdit, ProposerAuthError, ProposerUnavailable
-from tests.anthropic_fake import (FakeAnthropic, Reply, editor, error_reply, finish, text_reply,
+from tests.anthropic_fake import (fake_api_for_sdk, Reply, editor, error_reply, finish, text_reply,
                                   tool_reply)
 from tests.proposer_fixtures import make_ctx, make_workspace
 
@@ -25,12 +25,8 @@ CFG = AnthropicConfig(model="claude-test", max_tokens=1024, timeout_seconds=2, m
 
 @pytest.fixture
 def api(monkeypatch):
-    with FakeAnthropic() as fake:
-        monkeypatch.setenv("ANTHROPIC_BASE_URL", fake.url)
-        monkeypatch.setenv("ANTHROPIC_API_KEY", CANARY)
-        monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
+    with fake_api_for_sdk(monkeypatch, CANARY) as fake:
         yield fake
-        assert fake.errors == [], "the proposer sent more requests than scripted"
 
 
 @pytest.fixture
