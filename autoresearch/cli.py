@@ -282,6 +282,12 @@ def cmd_request(args) -> int:
     root = _workspace_dir(args.dir)
     state_dir = root / ".autoresearch"
     if lock_holder(state_dir) is None:
+        if args.command in ("pause", "resume") and (state_dir / "events.sqlite").exists():
+            # Pause outlives restarts, so both must be possible while the daemon is down.
+            submit_request(state_dir, args.command)
+            print(f"{args.command}: queued: no daemon is running on {args.dir}; "
+                  "it takes effect when the daemon starts")
+            return 0
         raise UserError(f"{args.dir}: no daemon is running on this workspace")
     rid = submit_request(state_dir, args.command)
     deadline = time.monotonic() + args.timeout

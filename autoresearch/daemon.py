@@ -462,6 +462,12 @@ class Daemon:
                 "interrupt", reason="daemon restarted while the experiment was in flight")
         if cur is None and (self.ws.head() != best or self.ws.changes().paths):
             self._reset(best)
+        if st.paused:
+            # Paused before this restart or reboot: stay paused. Recorded here, before the
+            # inbox is read, so that a `resume` queued while the daemon was down applies.
+            self.machines.daemon.fire("pause", request="", restored=True)
+            log.warning("paused before this start; waiting for `autoresearch resume`",
+                        workspace=str(self.root))
         new_hash = _sha256(program)
         if st.program_hash and new_hash != st.program_hash:
             self.machines.daemon.fire("note", kind="program_changed", old_hash=st.program_hash,
@@ -612,7 +618,7 @@ class Daemon:
         d = self.machines.daemon
         ignored = ""
         if action == "pause":
-            if d.state in ("preparing", "baseline", "running", "blocked"):
+            if d.state in ("starting", "preparing", "baseline", "running", "blocked"):
                 d.fire("pause", request=rid)
             else:
                 ignored = f"daemon is {d.state}, not pausable"

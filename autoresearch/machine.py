@@ -27,7 +27,7 @@ Daemon machine:
   block      reason, retry_at
   exhaust/stop  reason (stop: request, when asked through the inbox)
   baseline_done  n, commit, metric, sigma, threshold
-  pause/resume   request
+  pause/resume   request (pause: restored=True when re-entered after a restart)
   note       kind: program_changed (old_hash, new_hash, added, removed) | config_reloaded |
              config_rejected (error) | adopted_user_commit (commit) | request (request, outcome)
 """
@@ -49,7 +49,8 @@ DAEMON_TRANSITIONS = [
     {"trigger": "baseline_done", "source": "baseline", "dest": "running"},
     {"trigger": "baseline_done", "source": "paused", "dest": "paused"},  # paused mid-baseline
     {"trigger": "resume_loop", "source": "preparing", "dest": "running"},
-    {"trigger": "pause", "source": ["preparing", "baseline", "running", "blocked"], "dest": "paused"},
+    {"trigger": "pause", "source": ["starting", "preparing", "baseline", "running", "blocked"],
+     "dest": "paused"},
     {"trigger": "block", "source": ["starting", "preparing", "baseline", "running"], "dest": "blocked"},
     {"trigger": "exhaust", "source": ["running", "paused"], "dest": "exhausted"},
     {"trigger": "stop", "source": ["starting", "preparing", "baseline", "running", "paused",

@@ -37,6 +37,8 @@ def status_line(state: State, run_elapsed: float | None = None, budget: float | 
         if state.reason:
             head += f" ({state.reason})"
         parts.append(head)
+    if state.paused and state.daemon != "paused":
+        parts.append("paused: starts paused until `autoresearch resume`")
     if cur is not None:
         text = f"exp {cur.n} {cur.state}"
         if cur.kind == "baseline":

@@ -57,6 +57,7 @@ class State:
     daemon: str = "stopped"
     reason: str = ""  # why the daemon is blocked / exhausted / stopped
     retry_at: str = ""  # when a blocked daemon retries (UTC ISO)
+    paused: bool = False  # a pause request not yet resumed: it outlives restarts
     experiments: dict[int, Experiment] = field(default_factory=dict)
     best_commit: str | None = None
     best_metric: float | None = None
@@ -116,6 +117,8 @@ def apply(state: State, event) -> State:
             state.boots += 1
             state.profile = p.get("profile") or state.profile
             state.program_hash = p.get("program_hash") or state.program_hash
+        elif t in ("pause", "resume"):
+            state.paused = t == "pause"
         elif t in ("block", "exhaust", "stop"):
             state.reason = p.get("reason", "")
             state.retry_at = p.get("retry_at", "")

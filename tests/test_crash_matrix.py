@@ -16,6 +16,7 @@ tests/chaos_fixtures.check_invariants must find nothing.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -203,12 +204,25 @@ def recover(case) -> None:
     case.mode.write_text("")
     goal = kept_or_discarded(case.root) + 1
     for _ in range(4):
+        if _pause_outstanding(case.root):
+            # A pause outlives restarts: resume it (the daemon reads the request at start).
+            submit_request(case.root / ".autoresearch", "resume")
         out = case.run("--max-experiments", "1")
         assert out.returncode == 0, f"restart failed ({out.returncode}): {out.stderr[-2000:]}"
         st = fold(events(case.root))
         if kept_or_discarded(case.root) >= goal or st.daemon == "exhausted":
             return
     raise AssertionError("no experiment was kept or discarded after 4 restarts")
+
+
+def _pause_outstanding(root: Path) -> bool:
+    """The log says paused, or a pause request waits in the inbox (killed before its event)."""
+    inbox = root / ".autoresearch" / "inbox"
+    paused = fold(events(root)).paused
+    for request in sorted(inbox.glob("*.json")):
+        action = json.loads(request.read_text())["action"]
+        paused = {"pause": True, "resume": False}.get(action, paused)
+    return paused
 
 
 @pytest.mark.parametrize("window", ["pre", "post"])

@@ -123,9 +123,38 @@ def test_control_requests_take_effect_within_a_second(tmp_path, mode):
 
 def test_a_request_without_a_daemon_is_a_clear_error(tmp_path):
     root = make_workspace(tmp_path / "ws")
-    out = cli("pause", str(root))
-    assert out.returncode == 2 and "no daemon is running" in out.stderr
-    assert out.stderr.count("\n") == 1 and "Traceback" not in out.stderr
+    for action in ("pause", "stop", "skip"):  # never run: nothing to queue for
+        out = cli(action, str(root))
+        assert out.returncode == 2 and "no daemon is running" in out.stderr
+        assert out.stderr.count("\n") == 1 and "Traceback" not in out.stderr
+
+
+def test_a_pause_outlives_a_restart_and_a_queued_resume_ends_it(tmp_path, mode):
+    root = make_workspace(tmp_path / "ws")
+    proc = spawn_daemon(root, env=_env(mode))
+    try:
+        wait_for(lambda: has_event(root, "baseline_done"), timeout=60)
+        assert cli("pause", str(root)).returncode == 0
+        wait_for(lambda: state(root).current() is None, timeout=60)  # the run in flight finished
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0
+    finally:
+        if proc.poll() is None:
+            kill9(proc)
+    done = len(state(root).experiments)
+    # A restart (a reboot, systemd's Restart=) stays paused: no experiment starts.
+    out = cli("run", str(root), "--for", "2s", env=_env(mode))
+    assert out.returncode == 0, out.stderr
+    restored = [e for e in events(root) if e.trigger == "pause"][-1]
+    assert restored.payload.get("restored") is True and restored.source == "starting"
+    assert len(state(root).experiments) == done and state(root).paused
+    # `resume` while no daemon runs is queued, and the next start acts on it.
+    out = cli("resume", str(root))
+    assert out.returncode == 0 and "queued" in out.stdout, out.stderr
+    out = cli("run", str(root), "--max-experiments", "1", env=_env(mode))
+    assert out.returncode == 0, out.stderr
+    st = state(root)
+    assert not st.paused and len(st.experiments) == done + 1 and st.experiments[done].terminal
 
 
 def test_sighup_with_a_broken_config_keeps_the_old_one(tmp_path, mode):
