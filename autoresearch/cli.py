@@ -133,7 +133,7 @@ def cmd_run(args) -> int:
 
 
 def cmd_status(args) -> int:
-    from .daemon import lock_holder
+    from .control import lock_holder
     from .report import status_text
 
     root = _workspace_dir(args.dir)
@@ -246,7 +246,7 @@ def cmd_verify(args) -> int:
 
 
 def cmd_repair(args) -> int:
-    from .daemon import lock_holder
+    from .control import lock_holder
     from .eventlog import repair, verify_path
 
     root = _workspace_dir(args.dir)
@@ -277,7 +277,7 @@ def cmd_plot(args) -> int:
 
 def cmd_request(args) -> int:
     """pause | resume | stop | skip: write to the inbox, return once the daemon has logged it."""
-    from .daemon import lock_holder, submit_request
+    from .control import lock_holder, submit_request
 
     root = _workspace_dir(args.dir)
     state_dir = root / ".autoresearch"

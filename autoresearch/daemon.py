@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import difflib
 import errno
-import fcntl
 import hashlib
 import json
 import logging
@@ -35,14 +34,15 @@ from typing import Any, Callable
 import structlog
 
 from . import __version__, config as config_mod, faults
-from .errors import ConfigError, CorruptLogError, LockedError, WorkspaceError
+from .control import INBOX_NAME, WorkspaceLock
+from .errors import ConfigError, CorruptLogError, WorkspaceError
 from .eventlog import EventLog, verify_path
 from .machine import Machines
 from .notify import Notifier, WatchdogTimer
 from .proposers.base import (HistoryRow, NoEdit, Proposal, ProposalContext, ProposerAuthError,
                              ProposerUnavailable)
 from .report import status_line
-from .runner import Run, RunResult, SandboxSpec
+from .runner import Run, RunResult, SandboxSpec, kill_tagged
 from .state import State, apply
 from .workspace import Workspace
 
@@ -51,8 +51,6 @@ logging.getLogger("transitions").setLevel(logging.WARNING)  # our own events say
 
 HUMAN_FILES = ("program.md", config_mod.CONFIG_NAME)  # the human's channel: never the agent's, never reset
 EVENTS_NAME = "events.sqlite"
-LOCK_NAME = "daemon.lock"
-INBOX_NAME = "inbox"
 TICK_S = 0.25  # longest sleep of the main loop between services
 BACKOFF_S = (5, 15, 30, 60, 120, 300, 600)  # blocked: wait before retrying
 DISK_FULL_RETRY_S = (0.5, 30.0)  # first and longest wait between appends while the disk is full
@@ -70,89 +68,6 @@ def _utc(ts: float | None = None) -> str:
 
 def _parse_utc(text: str) -> float:
     return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
-
-
-def kill_tagged(tag: str) -> list[int]:
-    """SIGKILL every process group whose members carry our run tag in their environment.
-
-    Runs are started with AUTORESEARCH_RUN_TAG=<tag> and children inherit it, so
-    after a crash this finds a run (and whatever it forked) even when the daemon
-    died before it could learn the run's process group.
-    """
-    needle = f"AUTORESEARCH_RUN_TAG={tag}\0".encode()
-    own = os.getpgrp()
-    groups = set()
-    for entry in os.listdir("/proc") if os.path.isdir("/proc") else ():
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/environ", "rb") as f:
-                if needle in f.read() + b"\0":
-                    groups.add(os.getpgid(int(entry)))
-        except (OSError, ProcessLookupError):
-            continue
-    killed = []
-    for pgid in groups - {own}:
-        try:
-            os.killpg(pgid, signal.SIGKILL)
-            killed.append(pgid)
-        except (ProcessLookupError, PermissionError):
-            pass
-    return killed
-
-
-class WorkspaceLock:
-    """An flock on .autoresearch/daemon.lock holding our PID: one daemon per workspace."""
-
-    def __init__(self, state_dir: Path):
-        self.path = state_dir / LOCK_NAME
-        self._fd: int | None = None
-
-    def acquire(self) -> None:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
-            raise LockedError(f"{self.path.parent.parent}: another daemon (pid {holder}) is running "
-                              "on this workspace") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self._fd = fd
-
-    def release(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)  # closing drops the flock; the file stays (harmless)
-            self._fd = None
-
-
-def lock_holder(state_dir: Path) -> int | None:
-    """PID of the daemon holding the workspace lock, or None when none runs."""
-    try:
-        fd = os.open(Path(state_dir) / LOCK_NAME, os.O_RDONLY)
-    except FileNotFoundError:
-        return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return None
-    except BlockingIOError:
-        text = os.pread(fd, 64, 0).decode(errors="replace").strip()
-        return int(text) if text.isdigit() else -1
-    finally:
-        os.close(fd)
-
-
-def submit_request(state_dir: Path, action: str) -> str:
-    """Write a request into the inbox atomically (tmp + rename); returns its id."""
-    inbox = Path(state_dir) / INBOX_NAME
-    inbox.mkdir(parents=True, exist_ok=True)
-    rid = f"{int(time.time() * 1000)}-{os.getpid()}-{os.urandom(3).hex()}"
-    tmp = inbox / f".{rid}.tmp"
-    tmp.write_text(json.dumps({"id": rid, "action": action, "time": _utc()}))
-    os.replace(tmp, inbox / f"{rid}.json")
-    return rid
 
 
 def make_proposer(cfg: config_mod.Config, kind: str | None = None):

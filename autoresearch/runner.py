@@ -701,3 +701,32 @@ class Run:
         with self._lock:
             self._result = result
         self._done.set()
+
+
+def kill_tagged(tag: str) -> list[int]:
+    """SIGKILL every process group whose members carry our run tag in their environment.
+
+    Runs are started with AUTORESEARCH_RUN_TAG=<tag> and children inherit it, so
+    after a crash this finds a run (and whatever it forked) even when the daemon
+    died before it could learn the run's process group.
+    """
+    needle = f"AUTORESEARCH_RUN_TAG={tag}\0".encode()
+    own = os.getpgrp()
+    groups = set()
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else ():
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                if needle in f.read() + b"\0":
+                    groups.add(os.getpgid(int(entry)))
+        except (OSError, ProcessLookupError):
+            continue
+    killed = []
+    for pgid in groups - {own}:
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+            killed.append(pgid)
+        except (ProcessLookupError, PermissionError):
+            pass
+    return killed

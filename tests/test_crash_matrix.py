@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from autoresearch.daemon import submit_request
+from autoresearch.control import submit_request
 from autoresearch.machine import DAEMON_TRANSITIONS, EXPERIMENT_TRANSITIONS
 from autoresearch.state import fold
 

@@ -5,7 +5,8 @@ import os
 
 import pytest
 
-from autoresearch.daemon import Daemon, WorkspaceLock
+from autoresearch.control import WorkspaceLock
+from autoresearch.daemon import Daemon
 from autoresearch.errors import LockedError, WorkspaceError
 from autoresearch.eventlog import verify_path
 from autoresearch.report import results_rows

@@ -5,7 +5,6 @@ leave no trace; an outage and a bad key make the daemon `blocked` without
 burning experiments; a reply recorded before a crash is never requested again.
 """
 
-import os
 import signal
 
 from anthropic_fake import FakeAnthropic, error_reply, tweak_constant

@@ -7,7 +7,7 @@ import signal
 import sys
 import time
 
-from autoresearch.daemon import submit_request
+from autoresearch.control import submit_request
 
 from daemon_fixtures import REPO, has_event, kill9, make_workspace, spawn_daemon, wait_for
 
