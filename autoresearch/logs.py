@@ -86,6 +86,36 @@ class JsonFormatter(structlog.stdlib.ProcessorFormatter):
         return self._redact(super().format(record))
 
 
+class LogFileHandler(logging.handlers.RotatingFileHandler):
+    """daemon.log, rotated. A failed write (a full disk) is one line on stderr, not a
+    traceback per log line; lines are dropped until writing works again, which is said too.
+    The event log, not this file, is the record: the daemon carries on either way."""
+
+    _failing = False
+    _failed_now = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self._failed_now = False
+        super().emit(record)  # catches the error and calls handleError
+        if self._failing and not self._failed_now:
+            self._failing = False
+            sys.stderr.write(f"autoresearch: {self.baseFilename} is writable again\n")
+
+    def close(self) -> None:
+        try:
+            super().close()  # closes the file even when its last flush fails
+        except OSError:
+            pass  # lines a full disk would not take: dropped, as said on stderr
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        self._failed_now = True
+        if not self._failing:
+            self._failing = True
+            exc = sys.exc_info()[1]
+            sys.stderr.write(f"autoresearch: cannot write {self.baseFilename} ({exc}); "
+                             "its lines are dropped until it works again\n")
+
+
 class JournalHandler(logging.Handler):
     """Sends each rendered (and redacted) JSON line to journald as structured fields.
 
@@ -199,8 +229,8 @@ def configure(
         state_dir = Path(state_dir)
         state_dir.mkdir(parents=True, exist_ok=True)
         log_path = state_dir / LOG_NAME
-        handlers.append(logging.handlers.RotatingFileHandler(
-            log_path, maxBytes=max_bytes, backupCount=backups, encoding="utf-8"))
+        handlers.append(LogFileHandler(log_path, maxBytes=max_bytes, backupCount=backups,
+                                       encoding="utf-8"))
 
     sock_path = journal_socket or journal_socket_path()
     use_journal = journal == "on" or (

@@ -200,3 +200,23 @@ def test_the_secrets_filter_on_an_earlier_handler_keeps_structlog_events_intact(
         logs.close()
     got = [json.loads(line) for line in out.getvalue().splitlines()]
     assert [(g["event"], g["detail"]) for g in got] == [("auth failed", "key [REDACTED] rejected")]
+
+
+def test_a_full_disk_under_daemon_log_is_one_line_not_a_traceback_per_line(tmp_path, capfd):
+    (tmp_path / "daemon.log").symlink_to("/dev/full")  # every write: ENOSPC
+    out = io.StringIO()
+    logs.configure(tmp_path, stream=out, journal="off")
+    log = logs.get_logger()
+    for i in range(5):
+        log.info("tick", i=i)
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "Logging error" not in err
+    assert err.count("\n") == 1 and "cannot write" in err and "No space left on device" in err, err
+    assert [json.loads(line)["i"] for line in out.getvalue().splitlines()] == [0, 1, 2, 3, 4]
+    # Writable again (here: the link now points at a real file): said once, lines flow again.
+    handler = next(h for h in logging.getLogger().handlers if isinstance(h, logs.LogFileHandler))
+    handler.close()
+    (tmp_path / "daemon.log").unlink()
+    log.info("tock")
+    assert "writable again" in capfd.readouterr().err
+    assert lines(tmp_path / "daemon.log")[-1]["event"] == "tock"
