@@ -52,6 +52,7 @@ logging.getLogger("transitions").setLevel(logging.WARNING)  # our own events say
 HUMAN_FILES = ("program.md", config_mod.CONFIG_NAME)  # the human's channel: never the agent's, never reset
 EVENTS_NAME = "events.sqlite"
 TICK_S = 0.25  # longest sleep of the main loop between services
+STATUS_REFRESH_S = 5.0  # STATUS= while a run is in flight: its elapsed time, this often
 BACKOFF_S = (5, 15, 30, 60, 120, 300, 600)  # blocked: wait before retrying
 DISK_FULL_RETRY_S = (0.5, 30.0)  # first and longest wait between appends while the disk is full
 PROGRAM_SETTLE_S = 0.2  # an editor's save may take several writes; record the settled text once
@@ -137,6 +138,7 @@ class Daemon:
         self._skip_request: str | None = None
         self._run: Run | None = None
         self._run_started = 0.0
+        self._status_sent = 0.0  # when STATUS= was last sent (monotonic)
         self._result: RunResult | None = None
         self._failures = 0  # consecutive blocks, for the backoff
         self._session_experiments = 0
@@ -239,7 +241,7 @@ class Daemon:
                  if k in ("commit", "metric", "reason", "description", "kind", "request", "retry_at",
                           "exit_code", "cost_usd", "outcome", "error") and v not in (None, "")}
         log.info(f"{aggregate} {trigger}: {source} -> {dest}", seq=event.seq, **small)
-        self.notifier.status(self._status())
+        self._send_status()
         faults.point(f"post:{trigger}")
 
     def _append(self, aggregate: str, trigger: str, source: str, dest: str, payload: dict):
@@ -272,6 +274,10 @@ class Daemon:
                 log.info("disk space is back; event recorded", trigger=trigger,
                          waited_s=round(time.monotonic() - waiting_since, 1))
             return event
+
+    def _send_status(self) -> None:
+        self.notifier.status(self._status())
+        self._status_sent = time.monotonic()
 
     def _status(self) -> str:
         elapsed = time.monotonic() - self._run_started if self._run is not None else None
@@ -488,6 +494,8 @@ class Daemon:
     def _service(self) -> None:
         """Signals, inbox, program.md, config reload, watchdog. Called every tick."""
         self.watchdog.tick()
+        if self._run is not None and time.monotonic() - self._status_sent >= STATUS_REFRESH_S:
+            self._send_status()  # the run's clock in `systemctl status` moves on
         flags, self._flags = self._flags, set()
         if "reload" in flags:
             self._reload_config()
@@ -880,7 +888,7 @@ class Daemon:
                               self.cfg.run.metric_regex, self.cfg.run.memory_regex or None,
                               env=self._run_env())
         self._run_started = time.monotonic()
-        self.notifier.status(self._status())
+        self._send_status()
 
     def _train(self, cur, model) -> None:
         run = self._run

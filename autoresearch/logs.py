@@ -169,7 +169,7 @@ def fields_for_line(line: str) -> dict[str, object]:
         return journal_mod.record(line, identifier=IDENTIFIER)
     rest = {k: v for k, v in event.items() if k not in ("timestamp", "level", "event")}
     parts = [str(event.get("event", ""))]
-    parts += [f"{k}={_short(v)}" for k, v in rest.items() if k != "exception"]
+    parts += [f"{k}={_short(v)}" for k, v in rest.items() if k != "exception" and v is not None]
     message = " ".join(p for p in parts if p)
     if "exception" in rest:
         message += "\n" + str(rest["exception"])

@@ -14,8 +14,9 @@ Threads, per run:
 
 Sandbox (``mode = "auto"`` on Linux; ``"off"`` = none of this, but the env is
 still scrubbed and the run still gets its own process group):
-  * network: ``unshare --net`` (as root) or ``unshare --net --map-root-user``
-    (unprivileged user namespace) gives the run a private network namespace:
+  * network: ``unshare --net`` (as root), ``unshare --net --map-root-user``
+    (unprivileged user namespace) or ``unshare --user --net`` (root without
+    capabilities, as in the system unit) gives the run a private network namespace:
     its own loopback (brought up, so a workload may talk to itself) and no
     route anywhere else -- not even to the host's 127.0.0.1. Everything in the
     chain execs, so the run keeps its PID and process group. Probed once per
@@ -151,6 +152,11 @@ def netns_prefix() -> list[str] | None:
             tries = [[unshare, "--net"], [unshare, "--net", "--map-root-user"]]
             if os.geteuid() != 0:
                 tries.reverse()
+            # Root without capabilities (the system unit's empty CapabilityBoundingSet=): the
+            # kernel refuses to map uid 0 into a user namespace without CAP_SETFCAP, but an
+            # unmapped one still owns a new network namespace. Inside, ids show as nobody;
+            # file access is still checked against the real uid.
+            tries.append([unshare, "--user", "--net"])
             for prefix in tries:
                 try:
                     ok = subprocess.run(prefix + ["true"], stdin=subprocess.DEVNULL,

@@ -1,5 +1,6 @@
 """The daemon as a real process: kill -9, SIGTERM, SIGHUP, sd_notify, inbox requests, single instance."""
 
+import re
 import signal
 import socket
 import time
@@ -213,7 +214,7 @@ def test_sd_notify_ready_status_watchdog_stopping(tmp_path, mode):
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock.bind(sock_path)
     sock.settimeout(0.2)
-    mode.write_text("sleep:4")
+    mode.write_text("sleep:7")
     proc = spawn_daemon(root, "--max-experiments", "0",
                         env=_env(mode, NOTIFY_SOCKET=sock_path, WATCHDOG_USEC="1000000"))
     messages = []  # (arrival time, datagram)
@@ -231,8 +232,10 @@ def test_sd_notify_ready_status_watchdog_stopping(tmp_path, mode):
     texts = [m for _, m in messages]
     ready = next(i for i, m in enumerate(texts) if "READY=1" in m)
     assert any(m.startswith("STATUS=") and "baseline (exp 0) training" in m for m in texts[ready:])
+    # During the run STATUS= is refreshed (every 5 s), so its clock is not stuck at 0:00.
+    assert any(re.search(r"^STATUS=baseline \(exp 0\) training 0:0[4-8]/", m) for m in texts), texts
     assert "STOPPING=1" in texts[-1]
-    # WATCHDOG_USEC = 1 s -> one ping every 0.5 s from the main loop, also during the 4 s run.
+    # WATCHDOG_USEC = 1 s -> one ping every 0.5 s from the main loop, also during the 7 s run.
     pings = [t for t, m in messages if "WATCHDOG=1" in m]
     gaps = [b - a for a, b in zip(pings, pings[1:])]
     assert len(pings) >= 7 and max(gaps) < 0.8, gaps

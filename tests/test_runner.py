@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -16,6 +18,8 @@ from pathlib import Path
 import pytest
 
 from autoresearch import runner
+
+REPO = Path(__file__).resolve().parents[1]
 from autoresearch.runner import Run, SandboxSpec, kill_stale_group, parse_metric, scrubbed_env
 
 # Non-finite alternatives first: `[0-9.eE+-]+` alone would match just the "-" of "-inf".
@@ -323,6 +327,35 @@ def test_network_blocked_under_auto_and_open_under_off(tmp_path):
         assert res.sandbox["network"] == "host"
     finally:
         srv.close()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or os.geteuid() != 0
+                    or not shutil.which("setpriv"), reason="needs root and setpriv")
+def test_network_blocked_for_root_without_capabilities(tmp_path):
+    """The system unit runs the daemon as the workspace's owner with CapabilityBoundingSet=
+    empty; for a root-owned workspace that is root without CAP_SYS_ADMIN or CAP_SETFCAP, where
+    neither `unshare --net` nor `--map-root-user` works (found under a real systemd)."""
+    srv, port = _loopback_server()
+    (tmp_path / "train.py").write_text(textwrap.dedent(CONNECT.format(port=port)))
+    child = textwrap.dedent(f"""
+        import json, sys
+        from autoresearch.runner import Run, SandboxSpec
+        spec = SandboxSpec(mode="auto", memory_mb=0, max_processes=4096, max_file_mb=4096)
+        run = Run.start([sys.executable, "train.py"], {str(tmp_path)!r}, {str(tmp_path / "1.log")!r},
+                        30.0, 10**6, spec, r"^val_bpb:\\s*(\\S+)", None)
+        res = run.wait(30)
+        print(json.dumps({{"exit": res.exit_code, "network": res.sandbox["network"],
+                          "tail": res.log_tail}}))
+    """)
+    try:
+        out = subprocess.run(["setpriv", "--bounding-set=-all", "--inh-caps=-all", "--",
+                              sys.executable, "-c", child], capture_output=True, text=True,
+                             timeout=60, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)})
+    finally:
+        srv.close()
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["network"] == "isolated" and got["exit"] == 3 and "network blocked" in got["tail"], got
 
 
 @needs_netns
