@@ -431,12 +431,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = add("service", cmd_service, "install, uninstall or inspect the systemd unit of a workspace",
              "autoresearch service install lab --user --gpu 0")
-    sp.add_argument("action", choices=["install", "uninstall", "status"])
-    sp.add_argument("dir", nargs="?", default=".")
-    sp.add_argument("--user", action="store_true", help="a user unit (systemctl --user) instead of system-wide")
-    sp.add_argument("--gpu", type=int, metavar="N", help="pin the service to GPU N (CUDA_VISIBLE_DEVICES)")
-    sp.add_argument("--print", action="store_true", help="only print the unit; install nothing")
-    sp.add_argument("--name", help="instance name (default: the workspace directory's name)")
+    # One parser per action, so that options and the directory may come in any order
+    # (`service install --user lab`: with a single parser argparse binds `dir` too early).
+    actions = sp.add_subparsers(dest="action", required=True, metavar="ACTION")
+    for action, help in (("install", "render the unit, daemon-reload, enable --now"),
+                         ("uninstall", "disable --now, remove the unit file, daemon-reload"),
+                         ("status", "systemctl status of the workspace's unit")):
+        ap = actions.add_parser(action, help=help, description=help)
+        ap.add_argument("dir", nargs="?", default=".")
+        ap.add_argument("--user", action="store_true",
+                        help="a user unit (systemctl --user) instead of system-wide")
+        ap.add_argument("--name", help="instance name (default: the workspace directory's name)")
+        if action == "install":
+            ap.add_argument("--gpu", type=int, metavar="N",
+                            help="pin the service to GPU N (CUDA_VISIBLE_DEVICES)")
+            ap.add_argument("--print", action="store_true", help="only print the unit; install nothing")
     return p
 
 

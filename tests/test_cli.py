@@ -136,6 +136,10 @@ def test_service_print_renders_the_unit(tmp_path):
     out = cli("service", "install", str(root), "--print")
     assert out.returncode == 0
     assert "Type=notify" in out.stdout and "WatchdogSec=" in out.stdout and str(root) in out.stdout
+    # Options before the directory, as docs/SERVICE.md writes it (`install --user ~/lab`).
+    user = cli("service", "install", "--user", "--print", str(root))
+    assert user.returncode == 0, user.stderr
+    assert "WantedBy=default.target" in user.stdout and str(root) in user.stdout
 
 
 def test_help_has_an_example_for_every_command():

@@ -215,3 +215,34 @@ def _scenario(sd: Systemd, workspace: Path) -> None:
     # Uninstall: disabled, stopped, removed.
     out = sd.run(ar, "service", "uninstall", str(workspace))
     assert sd.show(unit, "LoadState") == "not-found"
+
+
+def test_the_user_unit_under_a_real_user_manager(systemd, workspace):
+    """`service install --user`: a user manager (user@0.service; without logind, its runtime
+    directory is made by hand) runs the user unit; journal fields; uninstall."""
+    sd, ar, unit = systemd, _autoresearch(), "autoresearch@lab.service"
+    env = ["env", "XDG_RUNTIME_DIR=/run/user/0", "XDG_CONFIG_HOME=/run/user/0/config"]
+    sd.run("sh", "-c", "mkdir -p -m 700 /run/user/0 /run/systemd/system/user@0.service.d && printf "
+                       "'[Service]\\nEnvironment=XDG_RUNTIME_DIR=/run/user/0 XDG_CONFIG_HOME=/run/user/0/config\\n'"
+                       " > /run/systemd/system/user@0.service.d/runtime.conf")
+    sd.run("systemctl", "daemon-reload")
+    sd.run("systemctl", "start", "user@0.service")
+    try:
+        out = sd.run(*env, ar, "service", "install", "--user", str(workspace))
+        assert f"installed and started {unit}" in out.stdout, out.stdout + out.stderr
+
+        def status() -> str:
+            return sd.run(*env, "systemctl", "--user", "show", "-p", "StatusText", "--value", unit).stdout
+
+        wait_for(lambda: re.search(r"\d+ kept / [1-9]", status()), timeout=60, interval=0.2)
+        out = sd.run("journalctl", "--user-unit", unit, "EXPERIMENT=1", "TRIGGER=launch", "-o", "cat",
+                     "--no-pager")
+        assert "experiment:1 launch: committed -> training" in out.stdout, out.stdout
+        out = sd.run(*env, ar, "service", "uninstall", "--user", str(workspace))
+        assert f"stopped and removed {unit}" in out.stdout
+        assert _events(sd, workspace)[-1] == "stop"
+        assert "hash chain intact" in sd.run(ar, "verify", str(workspace)).stdout
+    except BaseException:
+        out = sd.run("journalctl", "--no-pager", "-o", "short-precise", check=False)
+        print("journal of the namespace's systemd:\n" + out.stdout[-10000:])
+        raise
