@@ -195,8 +195,11 @@ def _scenario(sd: Systemd, workspace: Path) -> None:
     stuck = sd.show(unit, "MainPID")
     assert stuck != main
     sd.run("sh", "-c", f"kill -STOP {stuck}")
+    t_stuck = time.monotonic()
     wait_for(lambda: sd.show(unit, "NRestarts") == "1" and sd.show(unit, "ActiveState") == "active",
              timeout=60, interval=0.2)
+    print(f"a stuck daemon was back after {time.monotonic() - t_stuck:.1f} s "
+          "(WatchdogSec=4, RestartSec=1)")
     out = sd.run("journalctl", "-u", unit, "-o", "cat", "--no-pager")
     assert "Watchdog timeout" in out.stdout and "Failed with result 'watchdog'" in out.stdout
     # A graceful stop: well within TimeoutStopSec, the run interrupted, no process left.
