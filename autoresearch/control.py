@@ -11,10 +11,10 @@ import fcntl
 import json
 import os
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 from .errors import LockedError
+from .eventlog import utc_now
 
 LOCK_NAME = "daemon.lock"
 INBOX_NAME = "inbox"
@@ -69,7 +69,6 @@ def submit_request(state_dir: Path, action: str) -> str:
     inbox.mkdir(parents=True, exist_ok=True)
     rid = f"{int(time.time() * 1000)}-{os.getpid()}-{os.urandom(3).hex()}"
     tmp = inbox / f".{rid}.tmp"
-    now = datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
-    tmp.write_text(json.dumps({"id": rid, "action": action, "time": now}))
+    tmp.write_text(json.dumps({"id": rid, "action": action, "time": utc_now()}))
     os.replace(tmp, inbox / f"{rid}.json")
     return rid

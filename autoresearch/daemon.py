@@ -37,7 +37,7 @@ from . import __version__, config as config_mod, faults
 from .control import INBOX_NAME, WorkspaceLock
 from .errors import ConfigError, CorruptLogError, WorkspaceError
 from .eventlog import EventLog, verify_path
-from .machine import Machines
+from .machine import LEGAL, Machines
 from .notify import Notifier, WatchdogTimer
 from .proposers.base import (HistoryRow, NoEdit, Proposal, ProposalContext, ProposerAuthError,
                              ProposerUnavailable)
@@ -540,16 +540,12 @@ class Daemon:
     def _handle_request(self, rid: str, action: str) -> None:
         d = self.machines.daemon
         ignored = ""
-        if action == "pause":
-            if d.state in ("starting", "preparing", "baseline", "running", "blocked"):
-                d.fire("pause", request=rid)
+        if action in ("pause", "resume"):
+            # The transition table says from which states; a request from any other is answered.
+            if (action, d.state) in LEGAL["daemon"]:
+                d.fire(action, request=rid)
             else:
-                ignored = f"daemon is {d.state}, not pausable"
-        elif action == "resume":
-            if d.state == "paused":
-                d.fire("resume", request=rid)
-            else:
-                ignored = f"daemon is {d.state}, not paused"
+                ignored = f"daemon is {d.state}, not {'pausable' if action == 'pause' else 'paused'}"
         elif action == "stop":
             self._stop_request, self._stop_reason = rid, "stop requested"
         elif action == "skip":
