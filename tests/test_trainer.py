@@ -48,6 +48,15 @@ def test_profiles_and_workload_files():
         for name in constants:  # one per line, `NAME = value  # comment`, as the proposer parses them
             assert re.search(rf"^{name} = [0-9.e+-]+  # \S", files["train.py"], re.M), name
         assert "val_bpb" in files["program.md"] and "train.py" in files["program.md"]
+
+
+def test_program_md_at_the_root_is_the_packaged_default():
+    # One file: the repository root shows the package's own program.md (like systemd/), so a
+    # newcomer finds it where autoresearch keeps it and the installed package still ships it.
+    root = Path(__file__).resolve().parents[1]
+    top = root / "program.md"
+    assert top.is_symlink() and top.resolve() == (harness_dir() / "program.md").resolve()
+    assert workload_files("cpu")["program.md"] == top.read_text(encoding="utf-8")
     with pytest.raises(ConfigError):
         workload_files("tpu")
 
