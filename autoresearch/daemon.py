@@ -154,6 +154,7 @@ class Daemon:
             raise WorkspaceError(f"{self.root}: no such directory")
         self.cfg = config_mod.load(self.root)
         self.ws = Workspace.open(self.root, self.cfg.run.editable)
+        self.branch = self.ws.branch  # the workspace's branch: an agent that leaves it is put back
         self.state_dir = self.ws.state_dir
         self.lock = WorkspaceLock(self.state_dir)
         self.lock.acquire()
@@ -735,7 +736,8 @@ class Daemon:
         if cur.files is not None:  # recorded before a crash: re-apply it, never ask again
             self._commit(cur, model, best)
             return
-        if self.ws.head() != best or [p for p in self.ws.changes().paths if p not in HUMAN_FILES]:
+        if self.ws.head() != best or self.ws.branch != self.branch \
+                or [p for p in self.ws.changes().paths if p not in HUMAN_FILES]:
             self._reset(best)
         human = {p: (self.root / p).read_bytes() for p in HUMAN_FILES if (self.root / p).exists()}
         ctx = self._context(cur.n)
@@ -769,8 +771,13 @@ class Daemon:
             return
         violations = self._scope_violations(proposal, best, human)
         if violations:
+            extra = {}
+            head = self.ws.head()
+            if head != best:  # the agent's own commit: kept reachable, never on the branch
+                self.ws.set_rejected_ref(cur.n, head)
+                extra["agent_commit"] = head
             model.fire("reject", reason="out of scope: " + "; ".join(violations[:10]),
-                       description=proposal.description)
+                       description=proposal.description, **extra)
             for p, data in human.items():  # give the human's files back if an agent CLI touched them
                 path = self.root / p
                 if not path.exists() or path.read_bytes() != data:
@@ -793,6 +800,9 @@ class Daemon:
         that edits the worktree itself (in-memory proposals must leave it untouched)."""
         changes = self.ws.changes(base=best)
         violations = [v for v in self.ws.scope_violations(changes) if v.split(": ", 1)[-1] not in HUMAN_FILES]
+        if self.ws.branch != self.branch:
+            violations.insert(0, f"left the branch {self.branch} (HEAD is "
+                                 f"{self.ws.branch or 'detached'})")
         if proposal.files is None:
             for p, data in human.items():
                 path = self.root / p
@@ -935,6 +945,8 @@ class Daemon:
     def _reset(self, sha: str) -> None:
         """Hard reset to `sha`, keeping the human's program.md and config as they are."""
         human = {p: (self.root / p).read_bytes() for p in HUMAN_FILES if (self.root / p).exists()}
+        if self.ws.branch != self.branch:  # an agent switched branches or detached HEAD
+            self.ws.checkout_branch(self.branch)
         self.ws.reset_hard(sha)
         for p, data in human.items():
             path = self.root / p

@@ -28,6 +28,7 @@ from .errors import ConfigError, WorkspaceError
 STATE_DIR = ".autoresearch"
 BEST_REF = "refs/autoresearch/best"
 EXP_PREFIX = "refs/autoresearch/exp"
+REJECTED_PREFIX = "refs/autoresearch/rejected"  # commits an agent made itself (rejected, kept reachable)
 BRANCH_PREFIX = "autoresearch/"
 # Never editable, whatever the config says: the human's instructions and the config.
 PROTECTED = ("program.md", "autoresearch.toml")
@@ -260,6 +261,12 @@ class Workspace:
     def set_exp_ref(self, n: int, sha: str) -> None:
         self._set_ref(f"{EXP_PREFIX}/{int(n)}", sha)
 
+    def set_rejected_ref(self, n: int, sha: str) -> None:
+        self._set_ref(f"{REJECTED_PREFIX}/{int(n)}", sha)
+
+    def rejected_ref(self, n: int) -> str | None:
+        return self._get_ref(f"{REJECTED_PREFIX}/{int(n)}")
+
     def all_exp_refs(self) -> dict[int, str]:
         out: dict[int, str] = {}
         for ref in Reference.iter_items(self.repo, common_path=EXP_PREFIX):
@@ -414,6 +421,12 @@ class Workspace:
         # files are tracked: open() checks they are committed).
         self.repo.git.commit("-q", "--no-verify", "--allow-empty", "-m", message, "--", *self.editable)
         return self.head()
+
+    @_git_errors
+    def checkout_branch(self, branch: str) -> None:
+        """Put HEAD back on ``branch`` (e.g. after an agent switched branches or detached HEAD);
+        the worktree is reset right after, so local changes are discarded here."""
+        self.repo.git.checkout("-q", "-f", branch.removeprefix("refs/heads/"), "--")
 
     @_git_errors
     def reset_hard(self, sha: str) -> None:

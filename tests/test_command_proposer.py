@@ -4,6 +4,7 @@ real process groups, real signals."""
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 import textwrap
 import threading
@@ -209,3 +210,40 @@ def test_agent_env_exports_the_systemd_credential(tmp_path):
                      "WATCHDOG_PID": "1"})
     assert env["ANTHROPIC_API_KEY"] == "sk-ant-from-credential-123"
     assert "NOTIFY_SOCKET" not in env and "WATCHDOG_PID" not in env and env["PATH"] == "/usr/bin"
+
+
+def test_an_agent_that_commits_itself_is_caught(lab, tmp_path):
+    ws, harness = lab
+    argv = agent(tmp_path, """
+        sys.stdin.read()
+        src = open("train.py").read()
+        open("train.py", "w").write(src.replace("LR = 0.01", "LR = 0.03"))
+        subprocess.run(["git", "-c", "user.name=a", "-c", "user.email=a@a", "commit", "-qam", "mine"], check=True)
+        print("LR 0.03, committed")
+    """)
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ws, capture_output=True, text=True).stdout.strip()
+    prop = run(argv, make_ctx(ws, harness))  # the tree is clean afterwards: still a proposal
+    moved = prop.meta["head_moved"]
+    assert moved["from"] == head and moved["to"] != head and moved["branch_to"] == moved["branch_from"]
+    assert prop.meta["changed"] == ["train.py"] and prop.description == "LR 0.03, committed"
+
+
+def test_a_branch_switch_is_caught(lab, tmp_path):
+    ws, harness = lab
+    argv = agent(tmp_path, "subprocess.run(['git', 'checkout', '-qb', 'elsewhere'], check=True)\n")
+    prop = run(argv, make_ctx(ws, harness))
+    assert prop.meta["head_moved"]["branch_to"] == "refs/heads/elsewhere"
+
+
+def test_the_persons_uncommitted_edits_are_not_the_agents(lab, tmp_path):
+    ws, harness = lab
+    with open(ws / "program.md", "a") as f:
+        f.write("A line the person has not committed.\n")
+    (ws / "scratch.txt").write_text("the person's untracked notes\n")
+    idle = agent(tmp_path, "sys.stdin.read(); print('nothing worth trying')\n")
+    with pytest.raises(NoEdit) as info:
+        run(idle, make_ctx(ws, harness))
+    assert "without changing any file" in info.value.reason
+    # An edit of a path that was already dirty is the agent's change all the same.
+    touch = agent(tmp_path, "open('program.md', 'a').write('agent was here\\n')\n", name="touch.py")
+    assert run(touch, make_ctx(ws, harness)).meta["changed"] == ["program.md"]

@@ -20,17 +20,26 @@ needs its own key; under systemd the key from the ``anthropic_api_key``
 credential is exported as ANTHROPIC_API_KEY. This is the agent, not the
 training run: runs get a scrubbed environment (runner.scrubbed_env).
 
+What the agent changed is what differs between a snapshot of the repository
+taken before it starts and one taken after it exits (HEAD, the branch, and
+the content of every path that differs from HEAD): edits the person left
+uncommitted (program.md, the config) are neither the agent's change nor its
+absence. An agent that moved HEAD (its own `git commit`, a branch switch) is
+returned as a proposal with ``meta["head_moved"]``, for the daemon to reject.
+
 Output (stdout and stderr, line by line, secrets redacted) goes to
 ``.autoresearch/proposals/<n>.log``, capped in size.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import subprocess
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from .. import secrets
@@ -126,14 +135,21 @@ def _killpg(pgid: int, sig: int) -> None:
         pass
 
 
-def _changed_paths(workspace: Path) -> list[str] | None:
-    """Paths git sees as changed or new (ignored files excluded); None if git cannot tell."""
+def _git(workspace: Path, *args: str) -> str | None:
+    """A git command's stdout; None when it fails (no such ref, git missing, ...)."""
     try:
-        out = subprocess.run(["git", "status", "--porcelain=v1", "-z", "--untracked-files=all"],
-                             cwd=workspace, capture_output=True, timeout=60, check=True).stdout
+        return subprocess.run(["git", *args], cwd=workspace, capture_output=True, timeout=60,
+                              check=True).stdout.decode("utf-8", "replace")
     except (OSError, subprocess.SubprocessError):
         return None
-    paths, entries = [], out.decode("utf-8", "replace").split("\0")
+
+
+def _changed_paths(workspace: Path) -> list[str] | None:
+    """Paths git sees as changed or new (ignored files excluded); None if git cannot tell."""
+    out = _git(workspace, "status", "--porcelain=v1", "-z", "--untracked-files=all")
+    if out is None:
+        return None
+    paths, entries = [], out.split("\0")
     i = 0
     while i < len(entries):
         entry = entries[i]
@@ -143,6 +159,42 @@ def _changed_paths(workspace: Path) -> list[str] | None:
                 i += 1
         i += 1
     return paths
+
+
+def _digest(path: Path) -> str | None:
+    """What a changed path holds now (content hash, or the link target); None when absent."""
+    try:
+        if path.is_symlink():
+            return "link:" + os.readlink(path)
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:  # a directory, unreadable: still a state to compare
+        return f"error:{exc.errno}"
+
+
+@dataclass(frozen=True)
+class _Snapshot:
+    """The repository as the agent found it or left it: HEAD, the branch, and every path that
+    differs from HEAD with what it holds. Comparing two snapshots tells what the AGENT did,
+    whatever the person had left uncommitted (their edits of program.md or the config)."""
+
+    head: str
+    branch: str
+    dirty: dict[str, str | None]
+
+    @classmethod
+    def take(cls, workspace: Path) -> "_Snapshot | None":
+        paths = _changed_paths(workspace)
+        if paths is None:
+            return None
+        return cls(head=(_git(workspace, "rev-parse", "-q", "--verify", "HEAD") or "").strip(),
+                   branch=(_git(workspace, "symbolic-ref", "-q", "HEAD") or "").strip(),
+                   dirty={p: _digest(workspace / p) for p in paths})
+
+    def changed_since(self, before: "_Snapshot") -> list[str]:
+        paths = set(self.dirty) | set(before.dirty)
+        return sorted(p for p in paths if self.dirty.get(p, "clean") != before.dirty.get(p, "clean"))
 
 
 def _last_line(data: bytes) -> str:
@@ -169,6 +221,7 @@ class CommandProposer:
         started = time.monotonic()
         deadline = min(ctx.deadline, started + self.cfg.deadline_seconds)
         log_path = Path(ctx.workspace) / ".autoresearch" / "proposals" / f"{ctx.n}.log"
+        before = _Snapshot.take(Path(ctx.workspace))
         log = _CappedLog(log_path, self.log_max_bytes)
         log.write(f"$ {' '.join(argv)}\n".encode())
         try:
@@ -220,8 +273,17 @@ class CommandProposer:
         if code != 0:
             detail = _last_line(bytes(err_tail)) or _last_line(bytes(out_tail))
             raise NoEdit(f"agent {argv[0]!r} exited with status {code}" + (f": {detail}" if detail else ""))
-        changed = _changed_paths(Path(ctx.workspace))
-        if changed == []:
+        after = _Snapshot.take(Path(ctx.workspace))
+        changed = None if before is None or after is None else after.changed_since(before)
+        moved = None not in (before, after) and (after.head, after.branch) != (before.head, before.branch)
+        if moved:
+            # Its own commit (or a branch switch) leaves a clean tree: the daemon must still see
+            # it, to reject the experiment (only the daemon commits) and restore the branch.
+            meta["head_moved"] = {"from": before.head, "to": after.head,
+                                  "branch_from": before.branch, "branch_to": after.branch}
+            committed = _git(Path(ctx.workspace), "diff", "--name-only", "-z", before.head, after.head) or ""
+            changed = sorted(set(changed or []) | {p for p in committed.split("\0") if p})
+        elif changed == []:
             raise NoEdit(f"agent {argv[0]!r} exited without changing any file")
         description = _last_line(bytes(out_tail))
         if not description:

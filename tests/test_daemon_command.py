@@ -1,0 +1,73 @@
+"""The daemon with a command agent (a small script standing in for an agent CLI), run as a user
+runs it: `autoresearch run`, then git and the event log are checked from outside."""
+
+import subprocess
+import sys
+import textwrap
+
+from daemon_fixtures import cli, events, git, make_workspace, state
+
+
+def _workspace(tmp_path, body: str, **tables):
+    script = tmp_path / "agent.py"
+    script.write_text("import subprocess, sys\nsys.stdin.read()\n" + textwrap.dedent(body))
+    return make_workspace(tmp_path / "ws", proposer={"kind": "command"},
+                          command={"argv": [sys.executable, str(script)], "deadline_seconds": 60.0},
+                          **tables)
+
+
+COMMIT = """
+    src = open("train.py").read()
+    open("train.py", "w").write(src.replace("WIDTH = 64", "WIDTH = 100"))
+    subprocess.run(["git", "-c", "user.name=a", "-c", "user.email=a@a", "commit", "-qam", "agent"],
+                   check=True)
+    print("WIDTH 100, committed myself")
+"""
+
+
+def _check_restored(root, branch):
+    st = state(root)
+    assert git(root, "symbolic-ref", "HEAD") == branch
+    assert git(root, "rev-parse", "HEAD") == st.best_commit == git(root, "rev-parse", "refs/autoresearch/best")
+    assert git(root, "status", "--porcelain") == ""
+    return st
+
+
+def test_an_agents_own_commit_rejects_the_experiment(tmp_path):
+    root = _workspace(tmp_path, COMMIT)
+    branch = git(root, "symbolic-ref", "HEAD")
+    out = cli("run", str(root), "--max-experiments", "1")
+    assert out.returncode == 0, out.stderr[-2000:]
+    st = _check_restored(root, branch)
+    exp = st.experiments[1]
+    assert exp.state == "rejected" and exp.proposer == "command", exp.reason
+    assert "HEAD moved" in exp.reason
+    reject = next(e for e in events(root) if e.trigger == "reject")
+    assert reject.payload["description"] == "WIDTH 100, committed myself"
+    # Nothing tried is lost: the agent's commit stays reachable under its own ref, off the branch.
+    kept = git(root, "rev-parse", "refs/autoresearch/rejected/1")
+    assert "WIDTH = 100" in git(root, "show", f"{kept}:train.py")
+    assert subprocess.run(["git", "merge-base", "--is-ancestor", kept, "HEAD"], cwd=root).returncode == 1
+
+
+def test_an_agent_on_another_branch_is_put_back(tmp_path):
+    switch = "subprocess.run(['git', 'checkout', '-qb', 'agent-branch'], check=True)\n"
+    root = _workspace(tmp_path, switch + textwrap.dedent(COMMIT))
+    branch = git(root, "symbolic-ref", "HEAD")
+    out = cli("run", str(root), "--max-experiments", "1")
+    assert out.returncode == 0, out.stderr[-2000:]
+    st = _check_restored(root, branch)
+    exp = st.experiments[1]
+    assert exp.state == "rejected" and "left the branch" in exp.reason, exp.reason
+
+
+def test_uncommitted_config_edit_does_not_turn_no_edit_into_a_rejection(tmp_path):
+    root = _workspace(tmp_path, "print('nothing to try')\n")
+    with open(root / "autoresearch.toml", "a") as f:
+        f.write("# the person's note, not committed\n")
+    out = cli("run", str(root), "--max-experiments", "1")
+    assert out.returncode == 0, out.stderr[-2000:]
+    exp = state(root).experiments[1]
+    # Documented: an agent that changes nothing falls back to the offline search.
+    assert exp.proposer == "offline" and exp.state in ("kept", "discarded"), (exp.state, exp.reason)
+    assert "not committed" in (root / "autoresearch.toml").read_text()
