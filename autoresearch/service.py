@@ -12,6 +12,7 @@ precedence over any template of the same name, so the unit needs no drop-ins.
 
 from __future__ import annotations
 
+import json
 import os
 import pwd
 import shutil
@@ -175,16 +176,72 @@ def _minimal(paths: set[Path]) -> list[Path]:
     return [p for p in sorted(paths) if not any(q != p and q in p.parents for q in paths)]
 
 
+# Run by the interpreter the unit will run, the way the unit runs it (no PYTHONPATH, a plain
+# environment, the workspace as working directory): where autoresearch and its imports live.
+_PROBE = """import json, os, sys
+import autoresearch
+print(json.dumps({"package": os.path.dirname(os.path.abspath(autoresearch.__file__)),
+                  "path": sys.path[1:], "prefixes": [sys.prefix, sys.base_prefix],
+                  "executable": os.path.realpath(sys.executable)}))"""
+
+
+def _interpreter(argv: list[str]) -> str:
+    """The Python that ``argv`` starts: itself for ``python -m``, else a script's shebang."""
+    if len(argv) > 1 and argv[1] == "-m":
+        return argv[0]
+    try:
+        with open(argv[0], "rb") as fh:
+            first = fh.readline(512)
+    except OSError:
+        first = b""
+    words = first[2:].decode(errors="replace").split() if first.startswith(b"#!") else []
+    if words and "python" in Path(words[0]).name:
+        return words[0]
+    return sys.executable  # a wrapper script: assume this very installation
+
+
+def _installation(ws: Path, argv: list[str]) -> set[Path]:
+    """Every folder the unit's Python reads code from: the package (an editable install's
+    source tree too), the venv, the base installation, its import path."""
+    python = _interpreter(argv)
+    try:
+        home = pwd.getpwuid(ws.stat().st_uid).pw_dir
+    except KeyError:
+        home = "/"
+    env = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOME": home}
+    try:
+        proc = subprocess.run([python, "-c", _PROBE], cwd=ws, env=env, capture_output=True,
+                              text=True, timeout=120)
+    except OSError as exc:
+        raise UserError(f"cannot run {python}, the Python of the service: {exc.strerror}") from exc
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]
+        why = (" (PYTHONPATH is set here; the service does not get it)"
+               if os.environ.get("PYTHONPATH") else "")
+        raise UserError(f"the service's Python {python} cannot import autoresearch on its own: "
+                        f"{last}{why}; install the package into that Python (pip install -e .)")
+    found = json.loads(proc.stdout.strip().splitlines()[-1])
+    paths = [found["package"], *found["path"], *found["prefixes"],
+             os.path.dirname(found["executable"]), os.path.dirname(argv[0])]
+    out: set[Path] = set()
+    for text in paths:
+        if not text or not os.path.exists(text):
+            continue
+        # As the unit names it and where it really is: either may be the one under /tmp or /home.
+        out |= {Path(os.path.abspath(text)), Path(text).resolve()}
+    return out
+
+
 def _protect_home(ws: Path, argv: list[str]) -> list[str]:
     """ProtectHome= and the bind mounts that bring back what the unit needs.
 
     ProtectHome= hides /home, /root and /run/user; PrivateTmp= gives the service
     its own /tmp and /var/tmp. The workspace, and the Python installation (a venv,
-    pyenv or `pip --user` often live in a home), are bound back in if they live there.
+    pyenv, `pip --user`, an editable install's source tree: all often live in a
+    home or under /tmp), are bound back in if they live there.
     """
-    install = {Path(sys.prefix).resolve(), Path(sys.base_prefix).resolve(),
-               Path(argv[0]).resolve().parent}
-    install = {p for p in install if _under(p, HIDDEN_ROOTS) and not (p == ws or ws in p.parents)}
+    install = {p for p in _installation(ws, argv)
+               if _under(p, HIDDEN_ROOTS) and not (p == ws or ws in p.parents)}
     binds = ([f"BindPaths={_quoted(_unit_path(ws, 'workspace path'))}"]
              if _under(ws, HIDDEN_ROOTS) else [])
     binds += [f"BindReadOnlyPaths={_quoted(_unit_path(p, 'installation path'))}"

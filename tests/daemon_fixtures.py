@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -218,3 +219,25 @@ def edited(text: str, **constants) -> str:
             line = f"{name} = {constants[name]!r}\n"
         out.append(line)
     return "".join(out)
+
+
+def editable_install(clone: Path) -> Path:
+    """The README's install (`python3 -m venv .venv && .venv/bin/pip install -e .`) in `clone`,
+    offline: this checkout's package source copied to clone/autoresearch, a venv at clone/.venv
+    that imports it from there through a .pth (a path-based editable install) and finds the
+    dependencies in this environment through another; returns its console script."""
+    shutil.copytree(REPO / "autoresearch", clone / "autoresearch",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    venv = clone / ".venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    purelib = Path(subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                                  capture_output=True, text=True, check=True).stdout.strip())
+    # .pth files are read in name order: the editable source first, then the dependencies.
+    (purelib / "__editable__.autoresearch.pth").write_text(f"{clone}\n")
+    deps = [p for p in sys.path if p.endswith(("site-packages", "dist-packages")) and Path(p).is_dir()]
+    (purelib / "deps.pth").write_text("".join(f"{p}\n" for p in deps))
+    script = venv / "bin" / "autoresearch"
+    script.write_text(f"#!{python}\nimport sys\nfrom autoresearch.cli import main\nsys.exit(main())\n")
+    script.chmod(0o755)
+    return script

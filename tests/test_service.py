@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import pytest
 
 from autoresearch import service
 from autoresearch.errors import UserError
+from daemon_fixtures import editable_install
 
 ROOT = Path(__file__).resolve().parents[1]
 ANALYZE = shutil.which("systemd-analyze")
@@ -100,6 +102,50 @@ def test_render_python_dash_m_and_paths_with_spaces_and_percent(tmp_path):
     d = directives(text)
     assert d["ExecStart"] == [f"{sys.executable} -m autoresearch run ${{AUTORESEARCH_WORKSPACE}}"]
     assert d["WorkingDirectory"] == [str(ws).replace("%", "%%")]
+
+
+@pytest.fixture(params=["/tmp", "/home"])
+def clone(request):
+    """A clone with the README's editable install, under /tmp (hidden by PrivateTmp=) or
+    /home (hidden by ProtectHome=)."""
+    if not os.access(request.param, os.W_OK):
+        pytest.skip(f"{request.param} is not writable here")
+    path = Path(tempfile.mkdtemp(prefix="autoresearch-clone-", dir=request.param))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _covered(path: Path, binds: list[str]) -> bool:
+    return any(Path(b.strip('"')) in (path, *path.parents) for b in binds)
+
+
+def test_an_editable_install_in_a_hidden_place_is_bound_read_only(clone, workspace):
+    script = editable_install(clone)
+    d = directives(service.render_unit(workspace, user=False, gpu=None, executable=script)[1])
+    binds = d["BindReadOnlyPaths"]
+    # The package's source and the venv are visible to the unit, read-only; nothing wider.
+    for needed in (clone / "autoresearch", clone / ".venv"):
+        assert _covered(needed, binds), (needed, binds)
+    assert not any(Path(b.strip('"')) in (Path("/"), Path("/tmp"), Path("/home")) for b in binds)
+    if clone.parent == Path("/home"):  # the homes: an empty tmpfs with only the binds in it
+        assert d["ProtectHome"] == ["tmpfs"]
+    assert d["ExecStart"] == [f"{script} run ${{AUTORESEARCH_WORKSPACE}}"]
+
+
+def test_install_refuses_a_python_that_imports_the_package_only_through_pythonpath(tmp_path, workspace):
+    # `PYTHONPATH=. python -m autoresearch service install`: the unit gets no PYTHONPATH.
+    bare = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(bare)], check=True)
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "HOME": str(tmp_path)}
+    proc = subprocess.run([str(bare / "bin" / "python"), "-m", "autoresearch", "service", "install",
+                           "--print", str(workspace)], capture_output=True, text=True, env=env)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr == (f"autoresearch: error: the service's Python {bare}/bin/python cannot "
+                           "import autoresearch on its own: ModuleNotFoundError: No module named "
+                           "'autoresearch' (PYTHONPATH is set here; the service does not get it); "
+                           "install the package into that Python (pip install -e .)\n")
 
 
 def test_render_refuses_bad_input(tmp_path, executable):

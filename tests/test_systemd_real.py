@@ -7,6 +7,9 @@ before systemd starts, /run and /etc/systemd/system become empty tmpfs (the unit
 `service install` writes never reaches the host), and the units that would touch the host's
 files are masked -- above all systemd-tmpfiles-setup, whose `--boot --remove` empties /tmp.
 Skipped where any of that is not possible.
+
+The unit runs the README's editable install made in a clone under /tmp, which the unit's
+PrivateTmp= hides unless `service install` binds the package's source and venv back in.
 """
 
 from __future__ import annotations
@@ -17,13 +20,14 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
 
 import pytest
 
-from daemon_fixtures import REPO, make_workspace, wait_for
+from daemon_fixtures import editable_install, make_workspace, wait_for
 
 SYSTEMD = Path("/lib/systemd/systemd")
 MASKED = """
@@ -118,12 +122,16 @@ class Systemd:
         self.log.close()
 
 
-def _autoresearch() -> str:
-    """The console script of this installation (what a user types; what the unit runs)."""
-    exe = Path(sys.executable).parent / "autoresearch"
-    if not exe.exists():
-        pytest.skip("no `autoresearch` console script next to this Python (install the package)")
-    return str(exe)
+@pytest.fixture(scope="module")
+def install():
+    """The README's editable install in a clone under /tmp, which the unit's PrivateTmp= hides
+    unless `service install` binds it back in: (the console script, the venv's python)."""
+    clone = Path(tempfile.mkdtemp(prefix="autoresearch-clone-", dir="/tmp"))
+    try:
+        script = editable_install(clone)
+        yield str(script), str(script.parent / "python")
+    finally:
+        shutil.rmtree(clone, ignore_errors=True)
 
 
 def _private_dirs() -> set[Path]:
@@ -143,35 +151,32 @@ def systemd(tmp_path):
 
 
 @pytest.fixture
-def workspace():
+def workspace(install):
     # Where system services keep their state; not under /tmp (the unit has PrivateTmp=).
     base = Path("/var/lib/autoresearch-tests") / uuid.uuid4().hex[:12]
-    # This Python by a path that the unit (PrivateTmp=, ProtectHome=) can see: the venv's
-    # folder resolved, in case it is reached through a link under /tmp.
-    python = Path(sys.executable).parent.resolve() / Path(sys.executable).name
-    root = make_workspace(base / "lab", run={"command": f"{python} train.py"})
+    root = make_workspace(base / "lab", run={"command": f"{install[1]} train.py"})
     try:
         yield root
     finally:
         shutil.rmtree(base, ignore_errors=True)
 
 
-def _events(sd: Systemd, root: Path) -> list[str]:
-    out = sd.run(_autoresearch(), "history", str(root))
+def _events(sd: Systemd, ar: str, root: Path) -> list[str]:
+    out = sd.run(ar, "history", str(root))
     return [line.split()[4] for line in out.stdout.splitlines() if line.strip()]
 
 
-def test_the_service_under_a_real_systemd(systemd, workspace):
+def test_the_service_under_a_real_systemd(systemd, install, workspace):
     try:
-        _scenario(systemd, workspace)
+        _scenario(systemd, install[0], workspace)
     except BaseException:
         out = systemd.run("journalctl", "--no-pager", "-o", "short-precise", check=False)
         print("journal of the namespace's systemd:\n" + out.stdout[-10000:])
         raise
 
 
-def _scenario(sd: Systemd, workspace: Path) -> None:
-    ar, unit = _autoresearch(), "autoresearch@lab.service"
+def _scenario(sd: Systemd, ar: str, workspace: Path) -> None:
+    unit = "autoresearch@lab.service"
     # Install as the README says: rendered, daemon-reload, enable --now.
     out = sd.run(ar, "service", "install", str(workspace))
     assert f"installed and started {unit}" in out.stdout, out.stdout + out.stderr
@@ -218,7 +223,7 @@ def _scenario(sd: Systemd, workspace: Path) -> None:
     sd.run("systemctl", "stop", unit)
     assert time.monotonic() - t0 < 10
     assert sd.show(unit, "Result") == "success"
-    triggers = _events(sd, workspace)
+    triggers = _events(sd, ar, workspace)
     assert triggers[-2:] == ["interrupt", "stop"], triggers[-5:]
     assert triggers.count("boot") == 4  # install, two restarts, the watchdog's restart
     out = sd.run(ar, "verify", str(workspace))
@@ -229,10 +234,10 @@ def _scenario(sd: Systemd, workspace: Path) -> None:
     assert sd.show(unit, "LoadState") == "not-found"
 
 
-def test_the_user_unit_under_a_real_user_manager(systemd, workspace):
+def test_the_user_unit_under_a_real_user_manager(systemd, install, workspace):
     """`service install --user`: a user manager (user@0.service; without logind, its runtime
     directory is made by hand) runs the user unit; journal fields; uninstall."""
-    sd, ar, unit = systemd, _autoresearch(), "autoresearch@lab.service"
+    sd, ar, unit = systemd, install[0], "autoresearch@lab.service"
     env = ["env", "XDG_RUNTIME_DIR=/run/user/0", "XDG_CONFIG_HOME=/run/user/0/config"]
     sd.run("sh", "-c", "mkdir -p -m 700 /run/user/0 /run/systemd/system/user@0.service.d && printf "
                        "'[Service]\\nEnvironment=XDG_RUNTIME_DIR=/run/user/0 XDG_CONFIG_HOME=/run/user/0/config\\n'"
@@ -252,7 +257,7 @@ def test_the_user_unit_under_a_real_user_manager(systemd, workspace):
         assert "experiment:1 launch: committed -> training" in out.stdout, out.stdout
         out = sd.run(*env, ar, "service", "uninstall", "--user", str(workspace))
         assert f"stopped and removed {unit}" in out.stdout
-        assert _events(sd, workspace)[-1] == "stop"
+        assert _events(sd, ar, workspace)[-1] == "stop"
         assert "hash chain intact" in sd.run(ar, "verify", str(workspace)).stdout
     except BaseException:
         out = sd.run("journalctl", "--no-pager", "-o", "short-precise", check=False)
