@@ -185,8 +185,9 @@ def cmd_results(args) -> int:
 
 
 def cmd_show(args) -> int:
-    from . import config as config_mod
+    from . import config as config_mod, secrets
     from .report import fmt_metric
+    from .sanitize import clean
     from .workspace import Workspace
 
     root = _workspace_dir(args.dir)
@@ -194,23 +195,24 @@ def cmd_show(args) -> int:
     exp = state.experiments.get(args.n)
     if exp is None:
         raise UserError(f"no experiment {args.n} (experiments: 0..{max(state.experiments, default=-1)})")
-    print(f"experiment {exp.n} ({exp.kind}): {exp.state}")
-    print(f"description: {exp.description or '-'}")
-    print(f"proposer:    {exp.proposer or '-'}")
-    print(f"commit:      {exp.commit or '-'} (parent {exp.parent or '-'})")
-    print(f"metric:      {fmt_metric(exp.metric)}" + (f"  (runs: {exp.metrics})" if len(exp.metrics) > 1 else ""))
-    print(f"lines:       +{exp.added} -{exp.removed}")
+    secrets.remember_environment()
+    lines = [f"experiment {exp.n} ({exp.kind}): {exp.state}",
+             f"description: {exp.description or '-'}",
+             f"proposer:    {exp.proposer or '-'}",
+             f"commit:      {exp.commit or '-'} (parent {exp.parent or '-'})",
+             f"metric:      {fmt_metric(exp.metric)}" + (f"  (runs: {exp.metrics})" if len(exp.metrics) > 1 else ""),
+             f"lines:       +{exp.added} -{exp.removed}"]
     if exp.reason:
-        print(f"reason:      {exp.reason}")
+        lines.append(f"reason:      {exp.reason}")
     if exp.cost_usd or any(exp.usage.values()):
-        print(f"cost:        ${exp.cost_usd:.4f} {exp.usage}")
+        lines.append(f"cost:        ${exp.cost_usd:.4f} {exp.usage}")
     if exp.commit and exp.parent:
         ws = Workspace.open(root, config_mod.load(root).run.editable)
-        print("\n--- diff ---")
-        print(ws.diff(exp.parent, exp.commit).rstrip())
+        lines += ["", "--- diff ---", ws.diff(exp.parent, exp.commit).rstrip()]
     if exp.log_tail:
-        print("\n--- log tail ---")
-        print(exp.log_tail.rstrip()[-args.tail_chars:])
+        lines += ["", "--- log tail ---", exp.log_tail.rstrip()[-args.tail_chars:]]
+    # Everything above may carry an agent's or a run's text: no escapes, no secrets.
+    print(clean("\n".join(lines)))
     return 0
 
 

@@ -33,7 +33,7 @@ from typing import Any, Callable
 
 import structlog
 
-from . import __version__, config as config_mod, faults
+from . import __version__, config as config_mod, faults, secrets
 from .control import INBOX_NAME, WorkspaceLock
 from .errors import ConfigError, CorruptLogError, WorkspaceError
 from .eventlog import EventLog, verify_path
@@ -152,6 +152,7 @@ class Daemon:
         """Everything that may refuse to start, before anything is touched."""
         if not self.root.is_dir():
             raise WorkspaceError(f"{self.root}: no such directory")
+        secrets.remember_environment()  # whatever a run prints of them is redacted
         self.cfg = config_mod.load(self.root)
         self.ws = Workspace.open(self.root, self.cfg.run.editable)
         self.branch = self.ws.branch  # the workspace's branch: an agent that leaves it is put back
@@ -235,6 +236,9 @@ class Daemon:
 
     def _record(self, aggregate: str, trigger: str, source: str, dest: str, payload: dict) -> None:
         faults.point(f"pre:{trigger}")
+        # No secret is ever stored (a run's log tail, an agent's description or error ...);
+        # a proposal's files are the commit itself and must stay byte for byte.
+        payload = {k: v if k == "files" else secrets.redact_obj(v) for k, v in payload.items()}
         event = self._append(aggregate, trigger, source, dest, payload)
         apply(self.state, event)
         structlog.contextvars.bind_contextvars(experiment=event.experiment, state=dest, trigger=trigger)

@@ -40,6 +40,7 @@ still scrubbed and the run still gets its own process group):
 
 from __future__ import annotations
 
+import codecs
 import math
 import os
 import re
@@ -55,6 +56,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
+
+from . import sanitize
+from .secrets import SECRET_NAME
 
 GRACE_S = 3.0  # SIGTERM -> SIGKILL
 TAIL_BYTES = 64 * 1024  # output kept in memory for the recorded tail
@@ -79,9 +83,7 @@ _KEEP_NAMES = {
 _KEEP_PREFIXES = ("LC_", "XDG_", "CUDA_", "NVIDIA_", "NCCL_", "CUDNN_", "TORCH_", "PYTORCH_",
                   "TRITON_", "HIP_", "ROCM_", "HSA_", "MPS_", "HF_", "AUTORESEARCH_")
 # Proxies are left out on purpose: their URLs often embed user:password.
-# Even an allowed prefix never passes these (e.g. AUTORESEARCH_API_KEY, HF_TOKEN).
-_DENY = re.compile(r"(KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL|AUTH|COOKIE|SESSION)",
-                   re.IGNORECASE)
+# Even an allowed prefix never passes secret-named ones (SECRET_NAME: AUTORESEARCH_API_KEY, HF_TOKEN).
 
 
 def scrubbed_env(base: Mapping[str, str]) -> dict[str, str]:
@@ -93,7 +95,7 @@ def scrubbed_env(base: Mapping[str, str]) -> dict[str, str]:
     """
     env = {
         k: v for k, v in base.items()
-        if (k in _KEEP_NAMES or k.startswith(_KEEP_PREFIXES)) and not _DENY.search(k)
+        if (k in _KEEP_NAMES or k.startswith(_KEEP_PREFIXES)) and not SECRET_NAME.search(k)
     }
     env.setdefault("PATH", os.defpath)
     env["PYTHONUNBUFFERED"] = "1"  # so the log shows progress as it happens
@@ -438,6 +440,7 @@ class Run:
         self._term_at: float | None = None
         self._tail = bytearray()
         self._pending = ""
+        self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
         self._metric_m: re.Match | None = None
         self._memory_m: re.Match | None = None
         self._written = 0
@@ -582,25 +585,32 @@ class Run:
             self._truncated = True
 
     def _consume(self, chunk: bytes) -> None:
+        # Whole lines only: a secret or an escape sequence split across two reads must be
+        # seen whole to be redacted or stripped. A runaway line without newline is cut.
+        text = self._pending + self._decoder.decode(chunk)
+        cut = text.rfind("\n") + 1
+        if not cut and len(text) > TAIL_BYTES:
+            cut = len(text)
+        self._pending = text[cut:]
+        if cut:
+            self._emit(text[:cut])
+
+    def _emit(self, raw: str) -> None:
+        """Log, tail and metric scan of complete lines, as stored: no escapes, no secrets."""
+        text = sanitize.clean(raw)
+        data = text.encode("utf-8")
         room = self.log_max_bytes - self._written
         if room > 0:
-            self._write_log(chunk[:room])
-            self._written += min(room, len(chunk))
-        if len(chunk) > room and not self._truncated:
+            self._write_log(data[:room])
+            self._written += min(room, len(data))
+        if len(data) > room and not self._truncated:
             self._truncated = True
             self._write_log(f"\n[autoresearch] log truncated at {self.log_max_bytes} bytes; "
                             "the rest of the output is still read for the metric\n".encode())
-        self._tail += chunk
+        self._tail += data
         if len(self._tail) > TAIL_BYTES:
             del self._tail[:-TAIL_BYTES]
-        # Scan only complete lines (a line split across reads must not half-match).
-        text = self._pending + chunk.decode("utf-8", "replace")
-        cut = text.rfind("\n") + 1
-        self._pending = text[cut:]
-        if len(self._pending) > TAIL_BYTES:  # a runaway line without newline: bound memory
-            self._pending = self._pending[-TAIL_BYTES:]
-        if cut:
-            self._scan(text[:cut])
+        self._scan(text)
 
     def _scan(self, text: str) -> None:
         for m in self._metric_re.finditer(text):
@@ -610,9 +620,10 @@ class Run:
                 self._memory_m = m
 
     def _finish_lines(self) -> None:
-        if self._pending:
-            self._scan(self._pending)
-            self._pending = ""
+        rest = self._pending + self._decoder.decode(b"", final=True)
+        self._pending = ""
+        if rest:
+            self._emit(rest)
 
     def _watch(self) -> None:
         try:

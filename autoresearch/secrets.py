@@ -29,9 +29,19 @@ REDACTED = "[REDACTED]"
 # from httpx/httpcore to httpx2/httpcore2; pin both generations.
 NOISY_LOGGERS = ("anthropic", "httpx", "httpx2", "httpcore", "httpcore2")
 
-# Anthropic keys look like sk-ant-api03-...; scrub that shape even if the key
-# was never loaded through this module (e.g. echoed by an agent CLI).
-_KEY_SHAPE = re.compile(r"sk-ant-[A-Za-z0-9_\-]{8,}")
+# Shapes of well-known keys, scrubbed even if the key was never loaded through this
+# module (echoed by an agent CLI, read by a run from a file): Anthropic and OpenAI-style
+# sk-..., GitHub, AWS access key ids, Slack, Hugging Face, PEM private keys.
+_KEY_SHAPE = re.compile(
+    r"sk-ant-[A-Za-z0-9_\-]{8,}|\bsk-[A-Za-z0-9_\-]{20,}|\bgh[pousr]_[A-Za-z0-9]{30,}"
+    r"|\bgithub_pat_[A-Za-z0-9_]{30,}|\b(?:AKIA|ASIA)[0-9A-Z]{16}\b|\bxox[abprs]-[A-Za-z0-9-]{10,}"
+    r"|\bhf_[A-Za-z0-9]{30,}"
+    r"|-----BEGIN [A-Z ]*PRIVATE KEY-----(?:[\s\S]*?-----END [A-Z ]*PRIVATE KEY-----)?")
+
+# Environment variable names that hold secrets: never passed to a run (runner.scrubbed_env)
+# and their values redacted wherever they turn up.
+SECRET_NAME = re.compile(r"(KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL|AUTH|COOKIE|SESSION)",
+                         re.IGNORECASE)
 
 _known: set[str] = set()
 _lock = threading.Lock()
@@ -43,6 +53,31 @@ def remember(secret: str) -> None:
     if secret and len(secret) >= 8:
         with _lock:
             _known.add(secret)
+
+
+def remember_environment(env: Mapping[str, str] | None = None) -> None:
+    """Remember the values of secret-named variables and of every file in the systemd
+    credentials directory (each whole file and each of its lines): whatever a run manages
+    to print of them is redacted."""
+    env = os.environ if env is None else env
+    for name, value in env.items():
+        if SECRET_NAME.search(name) and name != "CREDENTIALS_DIRECTORY":
+            remember(value.strip())
+    cred_dir = env.get("CREDENTIALS_DIRECTORY")
+    if not cred_dir:
+        return
+    try:
+        entries = list(Path(cred_dir).iterdir())
+    except OSError:
+        return
+    for path in entries:
+        try:
+            text = path.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            continue
+        remember(text.strip())
+        for line in text.splitlines():
+            remember(line.strip())
 
 
 def load_api_key(env: Mapping[str, str] | None = None) -> str | None:

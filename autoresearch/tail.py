@@ -20,6 +20,7 @@ from typing import IO
 
 from .errors import UserError
 from .logs import LOG_NAME
+from .sanitize import clean
 
 _COLORS = {"debug": "\x1b[2m", "info": "\x1b[32m", "warning": "\x1b[33m",
            "error": "\x1b[31m", "critical": "\x1b[1;31m"}
@@ -74,6 +75,10 @@ def pretty(event: dict, *, color: bool) -> str:
         str(event.get("event", "")),
     ]
     extra = " ".join(f"{k}={_value(v)}" for k, v in event.items() if k not in _SHOWN)
+    # The log's values may carry a run's or an agent's text: print no escapes, no secrets
+    # (colours are ours, added after).
+    parts = [clean(p) for p in parts]
+    extra = clean(extra)
     if color:
         parts[0] = _DIM + parts[0] + _RESET
         parts[1] = _COLORS.get(level, "") + parts[1] + _RESET
@@ -88,7 +93,7 @@ def render(line: str, *, as_json: bool, color: bool) -> str:
     if as_json:
         return line
     event = _parse(line)
-    return line if event is None else pretty(event, color=color)
+    return clean(line) if event is None else pretty(event, color=color)
 
 
 def _backup_lines(path: Path) -> Iterator[str]:

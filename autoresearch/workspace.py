@@ -23,6 +23,7 @@ from typing import Iterable, Mapping
 import git
 from git import Reference, Repo
 
+from . import gitsafe
 from .errors import ConfigError, WorkspaceError
 
 STATE_DIR = ".autoresearch"
@@ -32,25 +33,6 @@ REJECTED_PREFIX = "refs/autoresearch/rejected"  # commits an agent made itself (
 BRANCH_PREFIX = "autoresearch/"
 # Never editable, whatever the config says: the human's instructions and the config.
 PROTECTED = ("program.md", "autoresearch.toml")
-IDENTITY = ("autoresearch", "autoresearch@localhost")
-
-# Every git subprocess gets a fixed identity (works with no git identity
-# configured) and ignores user settings that would make a daemon commit hang or
-# run arbitrary code: signing (may prompt for a passphrase) and hooks.
-_GIT_ENV = {
-    "GIT_AUTHOR_NAME": IDENTITY[0],
-    "GIT_AUTHOR_EMAIL": IDENTITY[1],
-    "GIT_COMMITTER_NAME": IDENTITY[0],
-    "GIT_COMMITTER_EMAIL": IDENTITY[1],
-    "GIT_TERMINAL_PROMPT": "0",
-    "GIT_CONFIG_COUNT": "3",
-    "GIT_CONFIG_KEY_0": "commit.gpgsign",
-    "GIT_CONFIG_VALUE_0": "false",
-    "GIT_CONFIG_KEY_1": "core.hooksPath",
-    "GIT_CONFIG_VALUE_1": os.devnull,
-    "GIT_CONFIG_KEY_2": "core.quotePath",
-    "GIT_CONFIG_VALUE_2": "false",
-}
 
 # Read once at import (os.umask can only be read by setting it, which is not thread-safe).
 _UMASK = os.umask(0o022)
@@ -139,7 +121,7 @@ class Workspace:
         repo = None
         try:
             repo = Repo.init(root)
-            repo.git.update_environment(**_GIT_ENV)
+            repo.git.update_environment(**gitsafe.env(root))
             # Name the branch before the first commit so no master/main is left behind.
             repo.git.symbolic_ref("HEAD", f"refs/heads/{BRANCH_PREFIX}{tag}")
             for rel, text in all_files.items():
@@ -188,11 +170,11 @@ class Workspace:
                 raise WorkspaceError(f"{root}: the repository has no commits yet; commit your files first")
             if repo.head.is_detached:
                 raise WorkspaceError(f"{root}: HEAD is detached; check out a branch first")
-            repo.git.update_environment(**_GIT_ENV)
+            repo.git.update_environment(**gitsafe.env(root))
             ws = cls(root=Path(repo.working_tree_dir).resolve(), repo=repo, editable=tuple(editable))
             _check_editable(ws.editable)
             ws._ensure_state_dir_ignored()
-            if repo.git.ls_files("--", STATE_DIR):
+            if ws._git.ls_files("--", STATE_DIR):
                 raise WorkspaceError(
                     f"files under {STATE_DIR}/ are tracked by git; untrack them: "
                     f"git rm -r --cached {STATE_DIR}"
@@ -208,13 +190,20 @@ class Workspace:
             raise
         return ws
 
+    @property
+    def _git(self):
+        """GitPython's git command runner, its environment refreshed from the current config
+        (which may have changed since the last call): it runs no configured program."""
+        self.repo.git.update_environment(**gitsafe.env(self.root))
+        return self.repo.git
+
     def close(self) -> None:
         """Stop GitPython's persistent cat-file helpers."""
         self.repo.close()
 
     def _ensure_state_dir_ignored(self) -> None:
         # Exit status 0 = ignored already (by .gitignore, info/exclude or a global excludesFile).
-        status, _, _ = self.repo.git.check_ignore("-q", STATE_DIR + "/", with_extended_output=True,
+        status, _, _ = self._git.check_ignore("-q", STATE_DIR + "/", with_extended_output=True,
                                                    with_exceptions=False)
         if status == 0:
             return
@@ -278,7 +267,7 @@ class Workspace:
     # ------------------------------------------------------------------ worktree state
     def _status(self) -> list[tuple[str, str]]:
         """(XY, path) from `git status --porcelain -z` (renames split into D + A)."""
-        raw = self.repo.git.status("--porcelain", "-z", "--untracked-files=all",
+        raw = self._git.status("--porcelain", "-z", "--untracked-files=all",
                                    "--ignore-submodules=none", strip_newline_in_stdout=False)
         items = raw.split("\0")
         out: list[tuple[str, str]] = []
@@ -323,7 +312,7 @@ class Workspace:
                 modified.add(path)
         head_moved = base is not None and base != self.head()
         if head_moved:
-            raw = self.repo.git.diff("--name-status", "--no-renames", "-z", base, "HEAD")
+            raw = self._git.diff(*gitsafe.DIFF_FLAGS, "--name-status", "--no-renames", "-z", base, "HEAD")
             parts = raw.split("\0")
             for status, path in zip(parts[::2], parts[1::2]):
                 {"A": added, "D": deleted}.get(status[:1], modified).add(path)
@@ -419,7 +408,7 @@ class Workspace:
         # With a pathspec git commits exactly those paths' worktree content (--only, the
         # default), whatever else is staged; no separate `git add` needed (the editable
         # files are tracked: open() checks they are committed).
-        self.repo.git.commit("-q", "--no-verify", "--allow-empty", "-m", message, "--", *self.editable)
+        self._git.commit("-q", "--no-verify", "--allow-empty", "-m", message, "--", *self.editable)
         return self.head()
 
     @_git_errors
@@ -434,14 +423,14 @@ class Workspace:
 
         `git clean` without -x never touches ignored paths, so .autoresearch/ survives.
         """
-        self.repo.git.reset("-q", "--hard", sha)
-        self.repo.git.clean("-q", "-f", "-d")
+        self._git.reset("-q", "--hard", sha)
+        self._git.clean("-q", "-f", "-d")
 
     @_git_errors
     def numstat(self, a: str, b: str) -> tuple[int, int]:
         """(lines added, lines removed) from commit a to commit b (binary files count 0)."""
         added = removed = 0
-        for line in self.repo.git.diff("--numstat", a, b).splitlines():
+        for line in self._git.diff(*gitsafe.DIFF_FLAGS, "--numstat", a, b).splitlines():
             parts = line.split("\t")
             if len(parts) >= 3 and parts[0].isdigit() and parts[1].isdigit():
                 added += int(parts[0])
@@ -451,7 +440,7 @@ class Workspace:
     @_git_errors
     def diff(self, a: str, b: str) -> str:
         """Unified diff from commit a to commit b."""
-        return self.repo.git.diff(a, b, strip_newline_in_stdout=False)
+        return self._git.diff(*gitsafe.DIFF_FLAGS, a, b, strip_newline_in_stdout=False)
 
     def clear_stale_locks(self) -> list[str]:
         """Remove git lock files left by a killed process; returns the removed paths.

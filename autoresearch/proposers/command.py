@@ -42,9 +42,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import secrets
+from .. import gitsafe, secrets
 from .base import NoEdit, Proposal, ProposalContext, ProposerUnavailable
-from .prompt import command_prompt, one_line, strip_ansi
+from ..sanitize import strip_controls
+from .prompt import command_prompt, one_line
 
 DROP_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
 LOG_MAX_BYTES = 5_000_000
@@ -138,8 +139,9 @@ def _killpg(pgid: int, sig: int) -> None:
 def _git(workspace: Path, *args: str) -> str | None:
     """A git command's stdout; None when it fails (no such ref, git missing, ...)."""
     try:
-        return subprocess.run(["git", *args], cwd=workspace, capture_output=True, timeout=60,
-                              check=True).stdout.decode("utf-8", "replace")
+        # The agent may have edited .git/config: gitsafe runs none of the programs it names.
+        return gitsafe.run(list(args), workspace, capture_output=True, timeout=60,
+                           check=True).stdout.decode("utf-8", "replace")
     except (OSError, subprocess.SubprocessError):
         return None
 
@@ -198,7 +200,7 @@ class _Snapshot:
 
 
 def _last_line(data: bytes) -> str:
-    for line in reversed(strip_ansi(data.decode("utf-8", "replace")).splitlines()):
+    for line in reversed(strip_controls(data.decode("utf-8", "replace")).splitlines()):
         if line.strip():
             return one_line(line, DESCRIPTION_MAX)
     return ""

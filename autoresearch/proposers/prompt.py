@@ -19,6 +19,7 @@ import math
 import re
 from pathlib import Path
 
+from ..sanitize import strip_controls
 from .base import HistoryRow, ProposalContext
 
 HISTORY_MAX_ROWS = 40
@@ -29,23 +30,9 @@ FAILURE_MAX_CHARS = 4_000
 FAILURE_MAX_LINES = 80
 FILE_MAX_CHARS = 60_000
 
-# CSI (colours, cursor moves), OSC (titles, hyperlinks) and lone escapes, then
-# any other control character except tab and newline.
-_ANSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?|\x1b[@-_]")
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
-
-
-def strip_ansi(text: str) -> str:
-    """Remove terminal escapes and control characters; \\r-overwritten progress lines keep their last state."""
-    text = _ANSI.sub("", text)
-    # A progress bar rewrites its line with \r: keep what was finally shown.
-    lines = [line.rsplit("\r", 1)[-1] for line in text.replace("\r\n", "\n").split("\n")]
-    return _CONTROL.sub("", "\n".join(lines))
-
-
 def one_line(text: str, limit: int = 200) -> str:
     """The first non-empty line of `text`, control characters removed, at most `limit` chars."""
-    for line in strip_ansi(text).splitlines():
+    for line in strip_controls(text).splitlines():
         line = " ".join(line.split())
         if line:
             return line if len(line) <= limit else line[: limit - 1] + "…"
@@ -128,7 +115,7 @@ def history_table(history, direction: str, max_rows: int = HISTORY_MAX_ROWS,
 def failure_tail(log_tail: str, max_chars: int = FAILURE_MAX_CHARS,
                  max_lines: int = FAILURE_MAX_LINES) -> str:
     """The end of a crashed run's log: ANSI stripped, last lines only, bounded."""
-    lines = strip_ansi(log_tail).rstrip("\n").split("\n")
+    lines = strip_controls(log_tail).rstrip("\n").split("\n")
     dropped = len(lines) > max_lines
     text = "\n".join(lines[-max_lines:])
     if len(text) > max_chars:
