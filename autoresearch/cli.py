@@ -10,6 +10,7 @@ import argparse
 import json
 import re
 import sqlite3
+import subprocess
 import sys
 import time
 from datetime import datetime
@@ -75,18 +76,19 @@ def cmd_init(args) -> int:
 
     profile = args.profile or trainer.detect_profile()
     tag = args.tag or datetime.now().strftime("%b%d").lower()
+    data, proposer = args.data or "stdlib", args.proposer or "offline"
     cfg = config_mod.Config(
         run=config_mod.RunConfig(
             command="python train.py",
             prepare_command="python -m autoresearch.trainer.prepare",
             budget_seconds=float(trainer.PROFILES[profile]["budget_seconds"]),
         ),
-        proposer=config_mod.ProposerConfig(kind=args.proposer),
-        workload=config_mod.WorkloadConfig(profile=profile, data=args.data),
+        proposer=config_mod.ProposerConfig(kind=proposer),
+        workload=config_mod.WorkloadConfig(profile=profile, data=data),
     )
     text = config_mod.render(cfg, config_mod.COMMENTS)
     ws = Workspace.create(Path(args.dir), trainer.workload_files(profile), tag, text, editable=("train.py",))
-    print(f"created workspace {ws.root} (branch autoresearch/{tag}, profile {profile}, data {args.data})",
+    print(f"created workspace {ws.root} (branch autoresearch/{tag}, profile {profile}, data {data})",
           file=sys.stderr)
     return 0
 
@@ -109,6 +111,37 @@ class _PrettyTerminal:
         self._stream.flush()
 
 
+def _run_overrides(args, root: Path) -> dict:
+    """`run`'s creation options on an existing workspace: never silently ignored.
+
+    --proposer applies to this invocation (recorded in the boot event; autoresearch.toml is not
+    changed). --profile, --data and --tag describe how a workspace is created: one that differs
+    from the workspace is refused with what to do instead.
+    """
+    from . import config as config_mod
+    from .workspace import BRANCH_PREFIX
+
+    cfg = config_mod.load(root)
+    wl = cfg.workload
+    if args.profile and args.profile != wl.profile:
+        has = wl.profile or "none (not the built-in workload)"
+        raise UserError(f"--profile {args.profile}: {root.name} has profile {has}, fixed for the life of a "
+                        "workspace; --profile only applies when one is created")
+    if args.data and args.data != wl.data:
+        raise UserError(f"--data {args.data}: --data only applies when a workspace is created; "
+                        f"to change it, edit workload.data in {root / config_mod.CONFIG_NAME}")
+    if args.tag:
+        branch = subprocess.run(["git", "symbolic-ref", "-q", "--short", "HEAD"], cwd=root,
+                                capture_output=True, text=True).stdout.strip()
+        if branch != BRANCH_PREFIX + args.tag:
+            raise UserError(f"--tag {args.tag}: --tag only names the branch of a new workspace; "
+                            f"{root.name} is on branch {branch or '(unknown)'}")
+    if args.proposer and args.proposer != cfg.proposer.kind:
+        config_mod.override(cfg, {"proposer.kind": args.proposer}, f"--proposer {args.proposer}")
+        return {"proposer.kind": args.proposer}
+    return {}
+
+
 def cmd_run(args) -> int:
     from . import config as config_mod
     from . import logs, secrets
@@ -116,14 +149,16 @@ def cmd_run(args) -> int:
     from .report import status_line
 
     root = Path(args.dir)
-    if args.init and not (root / config_mod.CONFIG_NAME).exists():
+    created = args.init and not (root / config_mod.CONFIG_NAME).exists()
+    if created:
         cmd_init(args)
     root = _workspace_dir(args.dir)
+    overrides = {} if created else _run_overrides(args, root)
     secrets.install_log_guard()
     stream = _PrettyTerminal(sys.stdout) if sys.stdout.isatty() else sys.stdout
     logs.configure(root / ".autoresearch", stream=stream, journal=args.journal,
                    level=args.log_level, redact=secrets.redact)
-    daemon = Daemon(root, max_experiments=args.max_experiments, run_for=args.run_for)
+    daemon = Daemon(root, max_experiments=args.max_experiments, run_for=args.run_for, overrides=overrides)
     try:
         code = daemon.run()
     finally:
@@ -364,9 +399,10 @@ def build_parser() -> argparse.ArgumentParser:
     def init_options(sp):
         sp.add_argument("--tag", help="branch name suffix: autoresearch/<tag> (default: today, e.g. nov26)")
         sp.add_argument("--profile", choices=["cpu", "gpu"], help="default: gpu if CUDA is available, else cpu")
-        sp.add_argument("--data", default="stdlib",
-                        help="stdlib (default, offline) | dir:/path | climbmix | tinystories")
-        sp.add_argument("--proposer", default="offline", choices=["offline", "anthropic", "command"])
+        sp.add_argument("--data", help="stdlib (default, offline) | dir:/path | climbmix | tinystories")
+        sp.add_argument("--proposer", choices=["offline", "anthropic", "command"],
+                        help="default: offline; for `run` on an existing workspace: this run only "
+                             "(autoresearch.toml is not changed)")
 
     sp = add("init", cmd_init, "create a workspace from the built-in workload", "autoresearch init lab")
     sp.add_argument("dir")

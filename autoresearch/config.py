@@ -11,7 +11,7 @@ import os
 import re
 import shlex
 import tomllib
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -219,6 +219,19 @@ def parse(text: str) -> Config:
         raise ConfigError(f"{CONFIG_NAME}: not valid TOML: {exc}") from None
     cfg = _build(Config, data, "")
     _validate(cfg)
+    return cfg
+
+
+def override(cfg: Config, values: dict[str, Any], source: str = "the command line") -> Config:
+    """`cfg` with some keys replaced for one daemon invocation, e.g. {"proposer.kind": "anthropic"};
+    the result is checked like a loaded config."""
+    for key, value in values.items():
+        table, name = key.split(".")
+        cfg = replace(cfg, **{table: replace(getattr(cfg, table), **{name: value})})
+    try:
+        _validate(cfg)
+    except ConfigError as exc:
+        raise ConfigError(f"{exc} (with {source})") from None
     return cfg
 
 

@@ -124,8 +124,10 @@ class Stop(Exception):
 
 class Daemon:
     def __init__(self, root: Path | str, *, max_experiments: int | None = None,
-                 run_for: float | None = None, proposer_factory: Callable | None = None):
+                 run_for: float | None = None, proposer_factory: Callable | None = None,
+                 overrides: dict[str, Any] | None = None):
         self.root = Path(root).absolute()
+        self.overrides = dict(overrides or {})  # config keys replaced for this invocation (run --proposer)
         self.session_max_experiments = max_experiments
         self.session_deadline = time.monotonic() + run_for if run_for else None
         self._make_proposer = proposer_factory or make_proposer
@@ -153,7 +155,7 @@ class Daemon:
         if not self.root.is_dir():
             raise WorkspaceError(f"{self.root}: no such directory")
         secrets.remember_environment()  # whatever a run prints of them is redacted
-        self.cfg = config_mod.load(self.root)
+        self.cfg = self._load_config()
         self.ws = Workspace.open(self.root, self.cfg.run.editable)
         self.branch = self.ws.branch  # the workspace's branch: an agent that leaves it is put back
         self.state_dir = self.ws.state_dir
@@ -180,6 +182,9 @@ class Daemon:
                 self.log.close()
             self.lock.release()
             raise
+
+    def _load_config(self) -> config_mod.Config:
+        return config_mod.override(config_mod.load(self.root), self.overrides, "run's options")
 
     def _check_profile(self) -> None:
         old, new = self.state.profile, self.cfg.workload.profile
@@ -367,7 +372,10 @@ class Daemon:
         self.machines.daemon.fire(
             "boot", pid=os.getpid(), version=__version__, profile=self.cfg.workload.profile or st.profile,
             program_hash=st.program_hash or _sha256(program),
-            config_hash=_sha256((self.root / config_mod.CONFIG_NAME).read_bytes()))
+            config_hash=_sha256((self.root / config_mod.CONFIG_NAME).read_bytes()),
+            **({"overrides": self.overrides} if self.overrides else {}))
+        if self.overrides:
+            log.warning("config overridden for this run (autoresearch.toml unchanged)", overrides=self.overrides)
         # Reconcile the world with the folded state.
         self.ws.clear_stale_locks()
         kill_tagged(self._run_tag())
@@ -569,7 +577,7 @@ class Daemon:
     def _reload_config(self) -> None:
         self.notifier.reloading()
         try:
-            cfg = config_mod.load(self.root)
+            cfg = self._load_config()  # this invocation's overrides still apply
             if cfg.workload.profile != self.cfg.workload.profile:
                 raise ConfigError("workload.profile cannot change while the workspace has results")
         except ConfigError as exc:
