@@ -1,12 +1,13 @@
 """The `autoresearch` command line. Every command is documented with an example in docs/CLI.md.
 
 User mistakes (bad path, bad config, locked workspace, corrupt log) end as one
-line on stderr and a non-zero exit, never a traceback.
+line on stderr and an exit code from the one scheme in errors.Exit, never a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import re
 import sqlite3
@@ -17,7 +18,7 @@ from datetime import datetime
 from pathlib import Path
 
 from . import __version__
-from .errors import CorruptLogError, UserError, WorkspaceError
+from .errors import BusyError, CorruptLogError, Exit, UserError, WorkspaceError
 
 EXAMPLES = """examples:
   autoresearch run lab --init          create ./lab from the built-in workload and loop until Ctrl-C
@@ -51,10 +52,7 @@ def _workspace_dir(path: str) -> Path:
 def _open_log(root: Path):
     from .eventlog import EventLog
 
-    path = root / ".autoresearch" / "events.sqlite"
-    if not path.exists():
-        raise WorkspaceError(f"{root}: the daemon has not run here yet (no event log)")
-    return EventLog.open(path, create=False)
+    return EventLog.open(root / ".autoresearch" / "events.sqlite", create=False)
 
 
 def _read_state(root: Path):
@@ -65,6 +63,10 @@ def _read_state(root: Path):
         raise CorruptLogError(f"{root}: cannot read the event log ({exc}); try `autoresearch verify`") from None
     finally:
         log.close()
+
+
+def _no_experiment(n: int, known) -> UserError:
+    return UserError(f"no experiment {n} (" + (f"experiments: 0..{max(known)})" if known else "none yet)"))
 
 
 # ---------------------------------------------------------------------- commands
@@ -195,8 +197,11 @@ def cmd_history(args) -> int:
 
     root = _workspace_dir(args.dir)
     log = _open_log(root)
+    seen: set[int] = set()
     try:
         for event in log.events():
+            if event.experiment is not None:
+                seen.add(event.experiment)
             if args.experiment is not None and event.experiment != args.experiment:
                 continue
             if args.json:
@@ -207,6 +212,8 @@ def cmd_history(args) -> int:
                 print(history_line(event))
     finally:
         log.close()
+    if args.experiment is not None and args.experiment not in seen:
+        raise _no_experiment(args.experiment, seen)
     return 0
 
 
@@ -229,7 +236,7 @@ def cmd_show(args) -> int:
     state = _read_state(root)
     exp = state.experiments.get(args.n)
     if exp is None:
-        raise UserError(f"no experiment {args.n} (experiments: 0..{max(state.experiments, default=-1)})")
+        raise _no_experiment(args.n, state.experiments)
     secrets.remember_environment()
     lines = [f"experiment {exp.n} ({exp.kind}): {exp.state}",
              f"description: {exp.description or '-'}",
@@ -262,7 +269,7 @@ def cmd_verify(args) -> int:
         print(f"{path}: {report}", file=sys.stderr)
         print("to recover: `autoresearch repair` backs the log up and truncates it to the last valid event",
               file=sys.stderr)
-        return CorruptLogError.exit_code
+        return Exit.CORRUPT
     # The chain is intact; also check every transition against the machines' tables.
     log = EventLog.open(path, create=False)
     try:
@@ -274,7 +281,7 @@ def cmd_verify(args) -> int:
                 problem = f"source {event.source!r} but {event.aggregate} was in {expected!r}"
             if problem:
                 print(f"{path}: event {event.seq}: illegal transition: {problem}", file=sys.stderr)
-                return CorruptLogError.exit_code
+                return Exit.CORRUPT
             current[event.aggregate] = event.dest
     finally:
         log.close()
@@ -289,7 +296,7 @@ def cmd_repair(args) -> int:
     root = _workspace_dir(args.dir)
     pid = lock_holder(root / ".autoresearch")
     if pid is not None:
-        raise UserError(f"{args.dir}: a daemon (pid {pid}) is running; stop it before repairing")
+        raise BusyError(f"{args.dir}: a daemon (pid {pid}) is running; stop it before repairing")
     path = root / ".autoresearch" / "events.sqlite"
     report = verify_path(path)
     if report.ok:
@@ -325,7 +332,7 @@ def cmd_request(args) -> int:
             print(f"{args.command}: queued: no daemon is running on {args.dir}; "
                   "it takes effect when the daemon starts")
             return 0
-        raise UserError(f"{args.dir}: no daemon is running on this workspace")
+        raise BusyError(f"{args.dir}: no daemon is running on this workspace")
     rid = submit_request(state_dir, args.command)
     deadline = time.monotonic() + args.timeout
     conn = sqlite3.connect(f"file:{state_dir / 'events.sqlite'}?mode=ro", uri=True)
@@ -338,13 +345,13 @@ def cmd_request(args) -> int:
                 outcome = json.loads(payload).get("outcome")
                 if outcome:
                     print(f"{args.command}: {outcome} (event {seq})", file=sys.stderr)
-                    return 1
+                    return Exit.DECLINED
                 print(f"{args.command}: done: {aggregate} {trigger} -> {dest} (event {seq})")
                 return 0
             time.sleep(0.02)
     finally:
         conn.close()
-    raise UserError(f"{args.command}: the daemon did not acknowledge within {args.timeout:g}s "
+    raise BusyError(f"{args.command}: the daemon did not acknowledge within {args.timeout:g}s "
                     "(the request stays in its inbox)")
 
 
@@ -356,7 +363,7 @@ def cmd_tail(args) -> int:
         tail(root / ".autoresearch", follow=args.follow, as_json=args.json, experiment=args.experiment,
              lines=args.lines)
     except KeyboardInterrupt:
-        return 130
+        return Exit.INTERRUPTED
     return 0
 
 
@@ -487,17 +494,27 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# The machine refusing (not a bug, not the user's typo): one line and Exit.SYSTEM, not a traceback.
+_REFUSALS = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)  # argparse exits with Exit.USAGE (2) on a bad option
     try:
-        return args.func(args)
+        return int(args.func(args))
     except UserError as exc:
         print(f"autoresearch: error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        return 130
+        return int(exc.exit_code)
     except BrokenPipeError:  # `autoresearch history | head`
         return 0
+    except OSError as exc:
+        if exc.errno not in _REFUSALS:
+            raise
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"autoresearch: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return int(Exit.SYSTEM)
+    except KeyboardInterrupt:
+        return int(Exit.INTERRUPTED)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from typing import Any, Iterator
 
 import sqlite_utils
 
-from .errors import CorruptLogError
+from .errors import CorruptLogError, WorkspaceError
 from .state import State, fold  # noqa: F401  (re-exported: the fold belongs to the log's API)
 
 SCHEMA_VERSION = 1
@@ -78,6 +78,11 @@ def utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
+
+def no_log_error(path: Path) -> WorkspaceError:
+    """A missing log is a usage problem (wrong directory, or the daemon never ran), not damage."""
+    return WorkspaceError(f"{path}: no event log (the daemon has not run in this workspace yet)")
+
 class EventLog:
     """Append-only store. Only the daemon appends; readers may open it concurrently (WAL)."""
 
@@ -94,7 +99,7 @@ class EventLog:
         path = Path(path)
         if not path.exists():
             if not create:
-                raise CorruptLogError(f"{path}: no event log here (has the daemon ever run?)")
+                raise no_log_error(path)
             cls._create_file(path)
         try:
             db = sqlite_utils.Database(str(path))
@@ -246,7 +251,7 @@ def verify_path(path: Path) -> VerifyReport:
     """Verify a log file, including one too damaged to open as an EventLog."""
     path = Path(path)
     if not path.exists():
-        raise CorruptLogError(f"{path}: no event log here")
+        raise no_log_error(path)
     try:
         log = EventLog.open(path, create=False)
     except CorruptLogError as exc:
@@ -304,7 +309,7 @@ def repair(path: Path) -> tuple[Path, int, int]:
     """
     path = Path(path)
     if not path.exists():
-        raise CorruptLogError(f"{path}: no event log here")
+        raise no_log_error(path)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     backup = path.with_name(f"{path.name}.bak-{stamp}")
     for suffix in ("", "-wal", "-shm"):

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from .errors import UserError
+from .errors import SystemRefusedError, UserError
 
 TEMPLATE = "autoresearch@.service"
 SYSTEM_UNIT_DIR = Path("/etc/systemd/system")
@@ -258,15 +258,15 @@ def _protect_home(ws: Path, argv: list[str]) -> list[str]:
 def _require_systemd(systemctl: str, check_pid1: bool) -> str:
     exe = shutil.which(systemctl)
     if exe is None:
-        raise UserError(f"{systemctl} not found: systemd is not available on this machine; "
-                        "use --print to see the unit")
+        raise SystemRefusedError(f"{systemctl} not found: systemd is not available on this machine; "
+                                 "use --print to see the unit")
     if check_pid1 and not Path("/run/systemd/system").is_dir():
         try:
             pid1 = Path("/proc/1/comm").read_text().strip()
         except OSError:
             pid1 = "unknown"
-        raise UserError(f"systemd is not running on this machine (PID 1 is {pid1}); "
-                        "use --print to see the unit")
+        raise SystemRefusedError(f"systemd is not running on this machine (PID 1 is {pid1}); "
+                                 "use --print to see the unit")
     return exe
 
 
@@ -275,8 +275,8 @@ def _systemctl(exe: str, user: bool, *args: str, check: bool = True) -> subproce
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=120)
     if check and proc.returncode != 0:
         detail = (proc.stderr or proc.stdout).strip().splitlines()
-        raise UserError(f"`{' '.join(['systemctl', *argv[1:]])}` failed: "
-                        f"{detail[-1] if detail else f'exit {proc.returncode}'}")
+        raise SystemRefusedError(f"`{' '.join(['systemctl', *argv[1:]])}` failed: "
+                                 f"{detail[-1] if detail else f'exit {proc.returncode}'}")
     return proc
 
 
@@ -292,8 +292,8 @@ def _write_atomic(path: Path, text: str) -> None:
         os.replace(tmp, path)
     except PermissionError as exc:
         tmp.unlink(missing_ok=True)
-        raise UserError(f"cannot write {path}: permission denied "
-                        "(run with sudo, or install a user service with --user)") from exc
+        raise SystemRefusedError(f"cannot write {path}: permission denied "
+                                 "(run with sudo, or install a user service with --user)") from exc
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -387,7 +387,7 @@ def uninstall(
     try:
         path.unlink()
     except PermissionError as exc:
-        raise UserError(f"cannot remove {path}: permission denied (run with sudo)") from exc
+        raise SystemRefusedError(f"cannot remove {path}: permission denied (run with sudo)") from exc
     _systemctl(exe, user, "daemon-reload")
     _systemctl(exe, user, "reset-failed", unit, check=False)
     return unit
@@ -409,5 +409,5 @@ def status(
     proc = _systemctl(exe, user, "status", "--no-pager", "--full", unit, check=False)
     if proc.returncode not in (0, 3) and not proc.stdout.strip():
         detail = proc.stderr.strip().splitlines()
-        raise UserError(f"systemctl status {unit}: {detail[-1] if detail else proc.returncode}")
+        raise SystemRefusedError(f"systemctl status {unit}: {detail[-1] if detail else proc.returncode}")
     return proc.stdout

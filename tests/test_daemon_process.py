@@ -126,7 +126,7 @@ def test_a_request_without_a_daemon_is_a_clear_error(tmp_path):
     root = make_workspace(tmp_path / "ws")
     for action in ("pause", "stop", "skip"):  # never run: nothing to queue for
         out = cli(action, str(root))
-        assert out.returncode == 2 and "no daemon is running" in out.stderr
+        assert out.returncode == 3 and "no daemon is running" in out.stderr
         assert out.stderr.count("\n") == 1 and "Traceback" not in out.stderr
 
 
