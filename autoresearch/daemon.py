@@ -41,10 +41,11 @@ from .machine import LEGAL, Machines
 from .notify import Notifier, WatchdogTimer
 from .proposers.base import (HistoryRow, NoEdit, Proposal, ProposalContext, ProposerAuthError,
                              ProposerUnavailable)
+from .proposers.prompt import change_summary
 from .report import status_line
 from .runner import Run, RunResult, SandboxSpec, kill_tagged
 from .state import State, apply
-from .workspace import Workspace
+from .workspace import Workspace, blob_sha
 
 log = structlog.get_logger("autoresearch.daemon")
 logging.getLogger("transitions").setLevel(logging.WARNING)  # our own events say it all
@@ -144,6 +145,8 @@ class Daemon:
         self._result: RunResult | None = None
         self._failures = 0  # consecutive blocks, for the backoff
         self._session_experiments = 0
+        self._changes: dict[int, str] = {}  # experiment -> prompt.change_summary (cache)
+        self._fingerprints: dict[tuple, tuple | None] = {}  # (commit, editable) -> blob ids (cache)
         self._observer = None
         self._old_handlers: dict = {}
         self.log: EventLog | None = None
@@ -731,7 +734,7 @@ class Daemon:
     def _context(self, n: int) -> ProposalContext:
         st = self.state
         rows = [HistoryRow(e.n, "baseline" if e.kind == "baseline" else e.state, e.metric,
-                           e.description or e.reason, e.commit, e.files)
+                           e.description or e.reason, e.commit, e.files, self._change(e))
                 for e in sorted(st.experiments.values(), key=lambda e: e.n) if e.terminal]
         failure = st.experiments.get(st.last_failure_n) if st.last_failure_n is not None else None
         kind = self.cfg.proposer.kind
@@ -742,6 +745,41 @@ class Daemon:
             files=self.ws.read_files(), history=tuple(rows), best_metric=st.best_metric,
             direction=self.cfg.run.direction, last_failure=failure.log_tail if failure else None,
             harness_dir=_harness_dir(self.cfg), deadline=time.monotonic() + deadline_s)
+
+    def _change(self, exp) -> str:
+        """What a finished experiment changed against its parent, for the prompt's history
+        (cached: a finished experiment's change never changes; '' when unknown)."""
+        if exp.n not in self._changes:
+            text = ""
+            if exp.kind == "experiment" and exp.commit and exp.parent:
+                try:
+                    text = change_summary(self.ws.files_at(exp.parent), self.ws.files_at(exp.commit))
+                except Exception:  # noqa: BLE001 - a commit git no longer has: the change is unknown
+                    text = ""
+            self._changes[exp.n] = text
+        return self._changes[exp.n]
+
+    def _duplicate_of(self, files: dict[str, str], n: int) -> int | None:
+        """The earlier experiment that already ran exactly these editable files, if any.
+
+        Compared by git blob id, so no old content is read. Only experiments that ran to an
+        outcome count (kept, discarded with a metric, crashed): a skipped or rejected one never
+        measured anything."""
+        editable = tuple(self.cfg.run.editable)
+        wanted = tuple(blob_sha(files[p]) if p in files else None for p in editable)
+        for e in sorted(self.state.experiments.values(), key=lambda e: e.n):
+            ran = e.state == "crashed" or (e.state in ("kept", "discarded") and e.metric is not None)
+            if e.n == n or not e.commit or not ran:
+                continue
+            key = (e.commit, editable)
+            if key not in self._fingerprints:
+                try:
+                    self._fingerprints[key] = self.ws.blob_ids(e.commit, editable)
+                except Exception:  # noqa: BLE001 - a commit git no longer has: nothing to compare
+                    self._fingerprints[key] = None
+            if self._fingerprints[key] == wanted:
+                return e.n
+        return None
 
     def _propose(self, cur, model) -> None:
         best = self.state.best_commit
@@ -865,6 +903,11 @@ class Daemon:
         at_best = self.ws.files_at(best, list(files))
         if all(at_best.get(p) == text for p, text in files.items()):
             model.fire("reject", reason="the proposal changes nothing")
+            return
+        same = self._duplicate_of({**self.ws.files_at(best), **files}, cur.n)
+        if same is not None:
+            model.fire("reject", reason=f"duplicate of experiment {same}: the same editable files "
+                                        "(by hash) already ran; not run again")
             return
         sha = self.ws.exp_ref(cur.n)
         if sha and self.ws.commit_matches(sha, files, parent=best):

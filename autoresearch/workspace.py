@@ -378,6 +378,18 @@ class Workspace:
                 continue
         return out
 
+    def blob_ids(self, sha: str, paths: Iterable[str]) -> tuple[str | None, ...]:
+        """The git blob id of each path in commit ``sha`` (None when absent): identical ids,
+        identical content (compare with blob_sha of a proposal's text)."""
+        tree = self.repo.commit(sha).tree
+        out = []
+        for rel in paths:
+            try:
+                out.append((tree / rel).hexsha)
+            except KeyError:
+                out.append(None)
+        return tuple(out)
+
     def commit_matches(self, sha: str, files: Mapping[str, str], parent: str | None = None) -> bool:
         """True if commit ``sha`` holds exactly ``files`` (and has ``parent``, if given).
 

@@ -269,3 +269,22 @@ def test_an_exhausted_offline_search_ends_the_run(tmp_path):
     st = check_invariants(root)
     assert st.daemon == "exhausted" and "offline search exhausted" in st.reason
     assert len(st.experiments) < 10  # it stopped instead of spinning on rejections
+
+
+def test_history_shows_changes_and_a_repeat_is_rejected_without_a_run(tmp_path):
+    from autoresearch.proposers.prompt import experiment_prompt
+
+    root = make_workspace(tmp_path / "ws")
+    worse = edited(TRAIN, LEARNING_RATE=0.001)  # a worse metric: discarded
+    proposer = ScriptedProposer([{"train.py": worse}, {"train.py": worse}, {"train.py": edited(TRAIN, WIDTH=100)}])
+    run_daemon(root, proposer, n=3)
+    st = check_invariants(root)
+    assert st.experiments[1].state == "discarded"
+    dup = st.experiments[2]
+    assert dup.state == "rejected" and dup.reason.startswith("duplicate of experiment 1"), dup.reason
+    assert dup.runs == 0 and not any(e.trigger == "launch" and e.aggregate == "experiment:2" for e in events(root))
+    # What each past experiment changed is in the agent's prompt, beside its own description.
+    rows = {r.n: r for r in proposer.contexts[2].history}
+    assert rows[1].change == "LEARNING_RATE 0.04→0.001" and rows[0].change == ""
+    assert "| 1 | discarded |" in experiment_prompt(proposer.contexts[2])
+    assert "| LEARNING_RATE 0.04→0.001 | scripted edit 1 |" in experiment_prompt(proposer.contexts[2])

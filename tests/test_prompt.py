@@ -57,7 +57,7 @@ def test_history_descriptions_are_one_line_and_cannot_break_the_table():
     history = (HistoryRow(0, "baseline", 1.0, "baseline"),
                HistoryRow(1, "kept", 0.9, "first line | with pipe\nsecond line"))
     table = prompt.history_table(history, "minimize")
-    assert "| 1 | kept | 0.900000 | first line / with pipe |" in table
+    assert "| 1 | kept | 0.900000 | - | first line / with pipe |" in table
     assert "second line" not in table
     assert prompt.history_table((), "minimize") == "(no experiments yet)"
 
@@ -102,7 +102,7 @@ def test_experiment_prompt_shows_files_best_and_goal(tmp_path):
     assert text.startswith("# Experiment 3")
     assert "## Current `train.py`" in text and "WARMUP = 100" in text
     assert "Best so far: 0.980000 (experiment 1); lower is better." in text
-    assert "| 2 | crashed | - | remove warmup |" in text
+    assert "| 2 | crashed | - | - | remove warmup |" in text
     maximize = prompt.experiment_prompt(make_ctx(ws, harness, direction="maximize", best_metric=None))
     assert "higher is better" in maximize and "Best so far: none yet." in maximize
 
@@ -119,3 +119,30 @@ def test_one_line():
     assert prompt.one_line("\n\n  hello   world \nmore") == "hello world"
     assert len(prompt.one_line("x" * 500, 200)) == 200
     assert prompt.one_line("") == ""
+
+
+TRAIN_SRC = "import math\nLR = 0.01  # peak\nWARMUP: int = 100\n\ndef step(x):\n    return x * LR\n"
+
+
+def test_change_summary_names_constants_and_counts_other_lines():
+    before = {"train.py": TRAIN_SRC}
+    consts = {"train.py": TRAIN_SRC.replace("0.01", "0.02").replace("100", "50")}
+    assert prompt.change_summary(before, consts) == "LR 0.01→0.02, WARMUP 100→50"
+    code = {"train.py": TRAIN_SRC.replace("return x * LR", "y = x * LR\n    return y")}
+    assert prompt.change_summary(before, code) == "+2 -1 lines"
+    both = {"train.py": consts["train.py"].replace("import math\n", "")}
+    assert prompt.change_summary(before, both) == "LR 0.01→0.02, WARMUP 100→50, +0 -1 lines"
+    assert prompt.change_summary(before, before) == "no change"
+    assert prompt.change_summary(None, before) == ""
+    two = prompt.change_summary({"a.py": "X = 1\n", "b.py": "Y = 1\n"}, {"a.py": "X = 2\n", "b.py": "Y = 1\n"})
+    assert two == "a.py: X 1→2"
+    long = prompt.change_summary({"t": ""}, {"t": "".join(f"C{i} = {i}\n" for i in range(1000))})
+    assert len(long) <= prompt.CHANGE_MAX_CHARS
+
+
+def test_history_table_shows_what_changed():
+    history = (HistoryRow(0, "baseline", 1.0, "baseline"),
+               HistoryRow(1, "discarded", 1.1, "raise the LR", change="LR 0.01→0.02 | x"))
+    table = prompt.history_table(history, "minimize")
+    assert "| n | status | metric | change | description |" in table
+    assert "| 1 | discarded | 1.100000 | LR 0.01→0.02 / x | raise the LR |" in table

@@ -16,6 +16,7 @@ class HistoryRow:
     description: str
     commit: str | None = None
     files: Mapping[str, str] | None = None  # editable files of that experiment, if recorded
+    change: str = ""  # what it changed against its parent (prompt.change_summary); '' = unknown
 
 
 @dataclass(frozen=True)

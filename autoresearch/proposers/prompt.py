@@ -6,7 +6,8 @@ Two parts, so the API proposer can cache the first:
   experiments (it changes only when the human edits program.md), so it is
   the prompt-cache prefix.
 * ``experiment_prompt``: the current editable files, a compact history table
-  (bounded in rows and characters), the best so far and the last failure's
+  (what each experiment changed and the agent's description of it; bounded in
+  rows and characters), the best so far and the last failure's
   log tail (ANSI stripped, truncated, fenced and marked untrusted).
 
 ``command_prompt`` joins both for an external agent CLI (prompt on stdin).
@@ -15,20 +16,24 @@ Nothing here grows with the number of experiments.
 
 from __future__ import annotations
 
+import difflib
 import math
 import re
 from pathlib import Path
+from typing import Mapping
 
 from ..sanitize import strip_controls
 from .base import HistoryRow, ProposalContext
 
 HISTORY_MAX_ROWS = 40
-HISTORY_MAX_CHARS = 6_000
+HISTORY_MAX_CHARS = 8_000
 HISTORY_BEST_ROWS = 5
 DESCRIPTION_MAX_CHARS = 120
+CHANGE_MAX_CHARS = 100
 FAILURE_MAX_CHARS = 4_000
 FAILURE_MAX_LINES = 80
 FILE_MAX_CHARS = 60_000
+_ASSIGNMENT = re.compile(r"^([A-Z][A-Z0-9_]*)\s*(?::[^=]*)?=\s*(.*?)\s*(?:#.*)?$")  # top-level UPPERCASE = value
 
 def one_line(text: str, limit: int = 200) -> str:
     """The first non-empty line of `text`, control characters removed, at most `limit` chars."""
@@ -78,6 +83,34 @@ def select_history(history, direction: str, max_rows: int = HISTORY_MAX_ROWS,
     return [r for r in rows if r.n in keep]
 
 
+def change_summary(before: Mapping[str, str] | None, after: Mapping[str, str] | None) -> str:
+    """What an experiment changed, for the history table: the UPPERCASE constants whose value
+    changed (`LR 0.01→0.02`), and the other changed lines as a numstat (`+3 -1 lines`).
+    '' when unknown (no recorded parent)."""
+    if before is None or after is None:
+        return ""
+    parts = []
+    for path in sorted(set(before) | set(after)):
+        old, new = (before.get(path) or "").splitlines(), (after.get(path) or "").splitlines()
+        consts, added, removed = [], 0, 0
+        for tag, i1, i2, j1, j2 in difflib.SequenceMatcher(None, old, new, autojunk=False).get_opcodes():
+            if tag == "equal":
+                continue
+            # A constant assigned on both sides of a changed block is a value change; every
+            # other line of the block counts in the numstat.
+            olds = {m.group(1): m.group(2) for m in map(_ASSIGNMENT.match, old[i1:i2]) if m}
+            news = {m.group(1): m.group(2) for m in map(_ASSIGNMENT.match, new[j1:j2]) if m}
+            paired = [name for name in olds if name in news]
+            consts += [f"{name} {olds[name]}→{news[name]}" for name in paired if olds[name] != news[name]]
+            added += (j2 - j1) - len(paired)
+            removed += (i2 - i1) - len(paired)
+        what = consts + ([f"+{added} -{removed} lines"] if added or removed else [])
+        if what:
+            parts.append((f"{path}: " if len(set(before) | set(after)) > 1 else "") + ", ".join(what))
+    text = "; ".join(parts) or "no change"
+    return text if len(text) <= CHANGE_MAX_CHARS else text[: CHANGE_MAX_CHARS - 1] + "…"
+
+
 def history_table(history, direction: str, max_rows: int = HISTORY_MAX_ROWS,
                   max_chars: int = HISTORY_MAX_CHARS) -> str:
     """A markdown table of past experiments, bounded in rows and characters."""
@@ -85,16 +118,17 @@ def history_table(history, direction: str, max_rows: int = HISTORY_MAX_ROWS,
         return "(no experiments yet)"
     total = len(history)
     rows = select_history(history, direction, max_rows)
-    header = "| n | status | metric | description |\n|---|---|---|---|"
+    header = "| n | status | metric | change | description |\n|---|---|---|---|---|"
 
     def render(selected: list[HistoryRow]) -> str:
         lines = [header]
         previous = None
         for r in selected:
             if previous is not None and r.n > previous + 1:
-                lines.append(f"| … | ({r.n - previous - 1} not shown) | | |")
+                lines.append(f"| … | ({r.n - previous - 1} not shown) | | | |")
             desc = one_line(r.description, DESCRIPTION_MAX_CHARS).replace("|", "/")
-            lines.append(f"| {r.n} | {r.status} | {format_metric(r.metric)} | {desc} |")
+            change = one_line(r.change, CHANGE_MAX_CHARS).replace("|", "/") or "-"
+            lines.append(f"| {r.n} | {r.status} | {format_metric(r.metric)} | {change} | {desc} |")
             previous = r.n
         shown = len(selected)
         if shown < total:
