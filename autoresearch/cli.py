@@ -27,6 +27,7 @@ EXAMPLES = """examples:
   autoresearch show lab 7              diff, metric and log tail of experiment 7
   autoresearch pause lab               (also: resume, skip, stop)
   autoresearch tail -f lab             follow the daemon's structured log
+  autoresearch dashboard lab           live page at http://127.0.0.1:8765/
   autoresearch service install lab --user
 """
 
@@ -367,6 +368,16 @@ def cmd_tail(args) -> int:
     return 0
 
 
+def cmd_dashboard(args) -> int:
+    from .dashboard.server import serve
+
+    root = _workspace_dir(args.dir)
+    try:
+        return serve(root, args.listen, token=args.token, token_file=args.token_file, new_token=args.new_token)
+    except KeyboardInterrupt:
+        return 0
+
+
 def cmd_service(args) -> int:
     from . import service
 
@@ -473,6 +484,16 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true", help="raw JSON lines")
     sp.add_argument("--experiment", type=int, metavar="N")
     sp.add_argument("-n", "--lines", type=int, default=50)
+
+    sp = add("dashboard", cmd_dashboard, "a read-only live web page over the workspace's event log",
+             "autoresearch dashboard lab --listen 127.0.0.1:8765")
+    sp.add_argument("dir", nargs="?", default=".")
+    sp.add_argument("--listen", default="127.0.0.1:8765", metavar="HOST:PORT",
+                    help="where to listen (default 127.0.0.1:8765; beyond loopback a token is required)")
+    sp.add_argument("--token", action="store_true", help="require the access token on loopback too")
+    sp.add_argument("--new-token", action="store_true", help="replace the stored token with a new one (shown once)")
+    sp.add_argument("--token-file", type=Path, metavar="PATH",
+                    help="where the token's hash is kept (default: in ~/.local/state/autoresearch/dashboard/)")
 
     sp = add("service", cmd_service, "install, uninstall or inspect the systemd unit of a workspace",
              "autoresearch service install lab --user --gpu 0")
