@@ -109,15 +109,18 @@ def build_lab(root: Path) -> Path:
     loud = better.replace("WIDTH = 64", "WIDTH = 40").replace('print("training...")\n',
                                                                 'print("training...")\n' + LOUD_TRAIN_LINES)
 
-    def loud_edit(ctx):
-        (ctx.workspace / "train.py").write_text(loud)
-        return "WIDTH 64 -> 40 " + XSS
+    def edit(text: str, description: str):
+        def apply(ctx):  # edits the worktree like an agent CLI, and says what it tried
+            (ctx.workspace / "train.py").write_text(text)
+            return description
+        return apply
 
     crash = better.replace('print("training...")', 'print("\\x1b[31mboom\\x1b[0m"); sys.exit(3)')
     best = better.replace("WIDTH = 64", "WIDTH = 128")
     worse = best.replace("WARMUP = 0.1", "WARMUP = 0.9")
-    script = ScriptedProposer([{"train.py": better}, loud_edit, {"train.py": crash}, {"train.py": best},
-                               {"train.py": worse}])
+    script = ScriptedProposer([edit(better, "LEARNING_RATE 0.04 -> 0.1"), edit(loud, "WIDTH 64 -> 40 " + XSS),
+                               edit(crash, "print a coloured message, then exit 3"),
+                               edit(best, "WIDTH 64 -> 128"), edit(worse, "WARMUP 0.1 -> 0.9")])
     structlog.configure(logger_factory=structlog.ReturnLoggerFactory())
     Daemon(root, max_experiments=5, proposer_factory=lambda cfg, kind=None: script).run()
     return root

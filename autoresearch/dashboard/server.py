@@ -10,7 +10,8 @@ Routes (GET and HEAD only; any other method is refused on every path):
   /static/...           its script and styles
   /api/summary          header, every experiment's row, the timeline, the latest events
   /api/experiments/N    one experiment: diff (highlighted), reason, metrics, log tail, events
-  /api/stream           server-sent events: "update" (changes), "run" (the run's latest loss), "reset"
+  /api/stream           server-sent events: "update" (new events: what changed), "run" (the run's latest
+                        loss), "header" (the daemon's process came or went), "reset" (start over)
 """
 
 from __future__ import annotations
@@ -181,12 +182,20 @@ class Hub:
                         q.get_nowait()
                     q.put_nowait({"type": "reset"})
 
+    def refresh_alive(self) -> list[dict[str, Any]]:
+        """The daemon's process came or went (killed, say) with no event to tell: push the header."""
+        before = self._pid[1]
+        self._pid = (0.0, None)
+        if self.pid() != before:
+            return [{"type": "header", "header": self.header()}]
+        return []
+
     async def follow(self) -> None:
         next_run = 0.0
         while True:
             messages = self.refresh()
             if time.monotonic() >= next_run:
-                messages += self.refresh_run()
+                messages += self.refresh_run() + self.refresh_alive()
                 next_run = time.monotonic() + RUN_POLL_S
             if messages and self.subscribers:
                 self.publish(messages)

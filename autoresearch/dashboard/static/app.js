@@ -102,6 +102,9 @@ function apply(m) {
     const fresh = m.events.filter((e) => !S.events.length || e.seq > S.events[S.events.length - 1].seq);
     S.events = S.events.concat(fresh).slice(-200);
     S.freshEvents = new Set(fresh.map((e) => e.seq));
+  } else if (m.type === "header") {
+    S.header = m.header;
+    S.clockBase = performance.now();
   } else if (m.type === "run") {
     S.header = m.header;
     S.clockBase = performance.now();
@@ -127,6 +130,7 @@ function connect() {
   });
   es.addEventListener("update", onMessage);
   es.addEventListener("run", onMessage);
+  es.addEventListener("header", onMessage);
   es.addEventListener("reset", () => load().catch(showError));
   es.onerror = () => { live.textContent = "reconnecting"; live.className = "live"; };
 }
