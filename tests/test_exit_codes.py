@@ -92,6 +92,8 @@ CASES = [
     ("resume {running}", DECLINED),                    # not paused
     ("skip {lab}", BUSY),
     ("stop {lab}", BUSY),
+    ("dashboard {plain}", USAGE),
+    ("dashboard {lab} --listen nonsense", USAGE),
     ("service install {lab} --print", OK),
     ("service install {plain} --print", USAGE),
     ("service status {lab} --name never-installed-here", USAGE),

@@ -16,7 +16,7 @@ import os
 import secrets
 from pathlib import Path
 
-from ..errors import UserError
+from ..errors import SystemRefusedError, UserError
 
 COOKIE = "autoresearch_dashboard"
 
@@ -65,7 +65,7 @@ def create(path: Path) -> str:
         os.replace(tmp, path)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
-        raise UserError(f"cannot store the dashboard token in {path}: {exc.strerror or exc}") from None
+        raise SystemRefusedError(f"cannot store the dashboard token in {path}: {exc.strerror or exc}") from None
     return token
 
 

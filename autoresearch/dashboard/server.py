@@ -33,7 +33,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from .. import config as config_mod
-from ..errors import UserError
+from ..errors import SystemRefusedError, UserError
 from . import auth, views
 from .source import LogReader, daemon_pid, git_diff, read_tail, run_log_path
 
@@ -349,7 +349,7 @@ def _bind(host: str, port: int) -> socket.socket:
         sock.listen(128)
     except OSError as exc:
         sock.close()
-        raise UserError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+        raise SystemRefusedError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
     sock.set_inheritable(True)
     return sock
 

@@ -19,6 +19,8 @@ import sqlite3
 import subprocess
 from pathlib import Path
 
+from .. import gitsafe
+from .. import gitsafe
 from ..control import LOCK_NAME
 from ..eventlog import Event
 from ..state import State, apply
@@ -168,21 +170,16 @@ def run_log_path(root: Path, n: int, attempt: int) -> Path:
     return Path(root) / ".autoresearch" / "runs" / name
 
 
-_GIT_SAFE = ["-c", "core.fsmonitor=false", "-c", "core.hooksPath=/dev/null", "-c", "diff.external=",
-             "--no-optional-locks"]
-
-
 def git_diff(root: Path, a: str, b: str) -> str:
-    """`git diff a b` read-only; '' when git cannot say (a commit was garbage-collected, say)."""
+    """`git diff a b` read-only (no optional locks, no repository-supplied program: gitsafe);
+    '' when git cannot say (a commit was garbage-collected, say)."""
     for sha in (a, b):
         if not sha or not all(c in "0123456789abcdef" for c in sha):
             return ""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")}
-    env.update(GIT_TERMINAL_PROMPT="0", GIT_PAGER="cat", GIT_OPTIONAL_LOCKS="0")
     try:
-        proc = subprocess.run(["git", *_GIT_SAFE, "diff", "--no-ext-diff", "--no-textconv", "--no-color", a, b],
-                              cwd=root, env=env, capture_output=True, timeout=20)
-    except (OSError, subprocess.TimeoutExpired):
+        proc = gitsafe.run(["--no-optional-locks", "diff", *gitsafe.DIFF_FLAGS, a, b, "--"], root,
+                           capture_output=True, timeout=20)
+    except (OSError, subprocess.SubprocessError):
         return ""
     if proc.returncode != 0:
         return ""

@@ -12,12 +12,10 @@ import re
 from datetime import datetime
 from typing import Any, Iterable
 
+from .. import sanitize
 from ..plot import charted, progress
 from ..state import Experiment, State
 
-# CSI (colours, cursor), OSC (titles, hyperlinks), other 2-byte escapes; then stray controls.
-_ESCAPES = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?|\x1b[@-Z\\-_]|\x9b[0-?]*[ -/]*[@-~]")
-_CONTROLS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 LOSS_RE = re.compile(r"\bloss[\s:=]+([-+]?[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)")
 # Large payload fields the page never needs in an event list (a finish event's log tail, a proposal's files).
 _BULKY = ("files", "log_tail")
@@ -28,11 +26,9 @@ def parse_time(text: str) -> float:
 
 
 def clean_terminal_text(text: str) -> str:
-    """A run's output as plain text: escape sequences and control characters removed, and a line
-    redrawn with carriage returns (progress bars) reduced to what was left on screen."""
-    text = _ESCAPES.sub("", text.replace("\r\n", "\n"))
-    lines = [line.rsplit("\r", 1)[-1] for line in text.split("\n")]
-    return _CONTROLS.sub("", "\n".join(lines))
+    """A run's output as the page shows it: escapes and controls stripped, a line redrawn with
+    carriage returns reduced to what was left on screen, secrets redacted (sanitize.clean)."""
+    return sanitize.clean(text)
 
 
 def latest_loss(text: str) -> float | None:
