@@ -116,6 +116,15 @@ class WorkloadConfig:
 
 
 @dataclass(frozen=True)
+class NotifyConfig:
+    """The human's notification hook (alerts.py); empty command: none."""
+
+    command: str = ""
+    events: tuple[str, ...] = ("new_best", "blocked", "exhausted", "stopped", "restarted")
+    timeout_seconds: float = 30.0
+
+
+@dataclass(frozen=True)
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     judge: JudgeConfig = field(default_factory=JudgeConfig)
@@ -125,6 +134,7 @@ class Config:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     sandbox: SandboxConfig = field(default_factory=SandboxConfig)
     workload: WorkloadConfig = field(default_factory=WorkloadConfig)
+    notify: NotifyConfig = field(default_factory=NotifyConfig)
 
 
 def _build(cls, table: Any, where: str):
@@ -210,6 +220,13 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"{CONFIG_NAME}: sandbox.mode must be 'auto' or 'off'")
     if cfg.workload.profile not in ("", "cpu", "gpu"):
         raise ConfigError(f"{CONFIG_NAME}: workload.profile must be 'cpu' or 'gpu'")
+    from .alerts import KINDS
+
+    unknown = [k for k in cfg.notify.events if k not in KINDS]
+    if unknown:
+        raise ConfigError(f"{CONFIG_NAME}: notify.events: unknown event {unknown[0]!r} (known: {', '.join(KINDS)})")
+    if cfg.notify.timeout_seconds <= 0:
+        raise ConfigError(f"{CONFIG_NAME}: notify.timeout_seconds must be positive")
 
 
 def parse(text: str) -> Config:
@@ -308,4 +325,7 @@ COMMENTS = {
     "sandbox.mode": "auto (private network, resource limits) | off",
     "sandbox.memory_mb": "0 = 90% of RAM",
     "workload.profile": "cpu | gpu; fixed for the life of the workspace",
+    "notify.command": "run with sh -c on the events below, the event as JSON on stdin; '' = none",
+    "notify.events": "new_best | crashed | blocked | exhausted | stopped | restarted",
+    "notify.timeout_seconds": "the command's process group is killed after this",
 }

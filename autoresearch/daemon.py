@@ -34,6 +34,7 @@ from typing import Any, Callable
 import structlog
 
 from . import __version__, config as config_mod, faults, secrets
+from .alerts import Alerts
 from .control import INBOX_NAME, WorkspaceLock
 from .errors import ConfigError, CorruptLogError, WorkspaceError
 from .eventlog import EventLog, verify_path
@@ -134,6 +135,7 @@ class Daemon:
         self._make_proposer = proposer_factory or make_proposer
         self.notifier = Notifier(unset_environment=True)  # runs must not talk to systemd as us
         self.watchdog = WatchdogTimer(self.notifier)
+        self.alerts = Alerts(lambda: self.cfg.notify, self.root)  # [notify] command: queued, never waited for
         self._wake = threading.Event()
         self._flags: set[str] = set()  # "stop", "reload", "program", "inbox": set by handlers
         self._stop_reason = ""
@@ -249,6 +251,7 @@ class Daemon:
         payload = {k: v if k == "files" else secrets.redact_obj(v) for k, v in payload.items()}
         event = self._append(aggregate, trigger, source, dest, payload)
         apply(self.state, event)
+        self.alerts.observe(event, self.state)
         structlog.contextvars.bind_contextvars(experiment=event.experiment, state=dest, trigger=trigger)
         small = {k: v for k, v in payload.items()
                  if k in ("commit", "metric", "reason", "description", "kind", "request", "retry_at",
@@ -364,6 +367,7 @@ class Daemon:
             for sig, handler in self._old_handlers.items():
                 signal.signal(sig, handler)
             self.notifier.stopping(self._status())
+            self.alerts.close()  # a short while for "stopped" to go out
             self.log.close()
             self.lock.release()
 
