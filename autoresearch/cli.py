@@ -384,17 +384,23 @@ def cmd_service(args) -> int:
     root = Path(args.dir).absolute()
     if args.action == "install":
         _workspace_dir(args.dir)
-        installed = service.install(root, user=args.user, gpu=args.gpu, print_only=args.print, name=args.name)
+        listen = (args.listen or "127.0.0.1:8765") if args.dashboard else None
+        if args.listen and not args.dashboard:
+            raise UserError("--listen is for the dashboard's unit: add --dashboard")
+        installed = service.install(root, user=args.user, gpu=args.gpu, print_only=args.print, name=args.name,
+                                    dashboard=listen)
         if args.print:
             print(installed.text, end="")
         else:
             print(f"installed and started {installed.unit} ({installed.path})")
+            if installed.token:
+                print(f"dashboard access token (shown this once; open http://HOST:PORT/?token=...): {installed.token}")
             for hint in installed.hints:
                 print(f"hint: {hint}")
     elif args.action == "uninstall":
-        print(f"stopped and removed {service.uninstall(root, user=args.user, name=args.name)}")
+        print(f"stopped and removed {service.uninstall(root, user=args.user, name=args.name, dashboard=args.dashboard)}")
     else:
-        print(service.status(root, user=args.user, name=args.name))
+        print(service.status(root, user=args.user, name=args.name, dashboard=args.dashboard))
     return 0
 
 
@@ -508,10 +514,15 @@ def build_parser() -> argparse.ArgumentParser:
         ap.add_argument("--user", action="store_true",
                         help="a user unit (systemctl --user) instead of system-wide")
         ap.add_argument("--name", help="instance name (default: the workspace directory's name)")
+        ap.add_argument("--dashboard", action="store_true",
+                        help="the dashboard's unit (autoresearch-dashboard@NAME) instead of the daemon's")
         if action == "install":
             ap.add_argument("--gpu", type=int, metavar="N",
                             help="pin the service to GPU N (CUDA_VISIBLE_DEVICES)")
             ap.add_argument("--print", action="store_true", help="only print the unit; install nothing")
+            ap.add_argument("--listen", metavar="HOST:PORT",
+                            help="with --dashboard: where it listens (default 127.0.0.1:8765; beyond loopback "
+                                 "a token is made and shown once)")
     return p
 
 

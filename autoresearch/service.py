@@ -25,6 +25,8 @@ from pathlib import Path
 from .errors import SystemRefusedError, UserError
 
 TEMPLATE = "autoresearch@.service"
+DASHBOARD_TEMPLATE = "autoresearch-dashboard@.service"  # `service install --dashboard`: a unit of its own
+SYSTEM_TOKEN_DIR = Path("/etc/autoresearch/dashboard")  # a system dashboard's token hash (user units: ~/.local/state)
 SYSTEM_UNIT_DIR = Path("/etc/systemd/system")
 SYSTEM_CREDENTIAL = Path("/etc/autoresearch/anthropic_api_key")
 # Roots hidden by ProtectHome=; what lives under them must be bound back in...
@@ -35,10 +37,11 @@ _SAFE_NAME = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789
 _BAD_PATH_CHARS = set('"\'\\$') | {chr(c) for c in range(32)} | {"\x7f"}
 
 
-def template_text(user: bool) -> str:
+def template_text(user: bool, dashboard: bool = False) -> str:
     """The packaged template (the same text as systemd/ in the source tree)."""
     base = resources.files("autoresearch") / "systemd_units"
-    return ((base / "user" / TEMPLATE) if user else (base / TEMPLATE)).read_text(encoding="utf-8")
+    name = DASHBOARD_TEMPLATE if dashboard else TEMPLATE
+    return ((base / "user" / name) if user else (base / name)).read_text(encoding="utf-8")
 
 
 def escape_instance(name: str) -> str:
@@ -54,8 +57,9 @@ def escape_instance(name: str) -> str:
     return "".join(out)
 
 
-def unit_name(workspace: Path, name: str | None = None) -> str:
-    return f"autoresearch@{escape_instance(name or Path(workspace).resolve().name)}.service"
+def unit_name(workspace: Path, name: str | None = None, dashboard: bool = False) -> str:
+    prefix = "autoresearch-dashboard" if dashboard else "autoresearch"
+    return f"{prefix}@{escape_instance(name or Path(workspace).resolve().name)}.service"
 
 
 def unit_dir(user: bool) -> Path:
@@ -133,13 +137,19 @@ def render_unit(
     gpu: int | None,
     executable: Path | list[str] | None = None,
     name: str | None = None,
+    dashboard: str | None = None,
+    token_file: Path | None = None,
 ) -> tuple[str, str]:
     """Render the instance unit for ``workspace``: returns (unit name, unit file text).
 
     ``executable``: the autoresearch command (a path, or an argv prefix such as
     ``[python, "-m", "autoresearch"]``); default ``find_executable()``.
+    ``dashboard``: render the dashboard's unit instead, listening there (HOST:PORT),
+    with ``token_file`` holding its token's hash when it listens beyond loopback.
     """
     ws = _check_workspace(workspace)
+    if dashboard is not None and gpu is not None:
+        raise UserError("--gpu is for the daemon's unit; the dashboard uses no GPU")
     if gpu is not None and (not isinstance(gpu, int) or gpu < 0):
         raise UserError(f"--gpu must be a GPU index (0, 1, ...), not {gpu!r}")
     if executable is None:
@@ -153,10 +163,20 @@ def render_unit(
 
     ws_text = _unit_path(ws, "workspace path")
     exec_line = " ".join(_unit_arg(a) for a in argv)
-    lines = template_text(user).splitlines()
+    lines = template_text(user, dashboard is not None).splitlines()
     default_ws = "%h/autoresearch/%i" if user else "/var/lib/autoresearch/%i"
-    _replace_line(lines, "ExecStart=/usr/local/bin/autoresearch run ${AUTORESEARCH_WORKSPACE}",
-                  [f"ExecStart={exec_line} run ${{AUTORESEARCH_WORKSPACE}}"])
+    if dashboard is not None:
+        from .dashboard.server import parse_listen
+
+        host, port = parse_listen(dashboard)
+        listen = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        extra = f" --token-file {_unit_arg(str(token_file))}" if token_file else ""
+        _replace_line(lines, "ExecStart=/usr/local/bin/autoresearch dashboard ${AUTORESEARCH_WORKSPACE} "
+                      "--listen 127.0.0.1:8765",
+                      [f"ExecStart={exec_line} dashboard ${{AUTORESEARCH_WORKSPACE}} --listen {listen}{extra}"])
+    else:
+        _replace_line(lines, "ExecStart=/usr/local/bin/autoresearch run ${AUTORESEARCH_WORKSPACE}",
+                      [f"ExecStart={exec_line} run ${{AUTORESEARCH_WORKSPACE}}"])
     _replace_line(lines, f"Environment=AUTORESEARCH_WORKSPACE={default_ws}",
                   [f'Environment="AUTORESEARCH_WORKSPACE={ws_text}"'])
     _replace_line(lines, f"WorkingDirectory={default_ws}", [f"WorkingDirectory={ws_text}"])
@@ -165,10 +185,15 @@ def render_unit(
                       [f"Environment=CUDA_VISIBLE_DEVICES={gpu}"])
     if not user:
         _replace_line(lines, "User=autoresearch", [f"User={_owner(ws)}"])
-        _replace_line(lines, f"ReadWritePaths={default_ws}",
-                      [f"ReadWritePaths={_quoted(ws_text)}"])
-        _replace_line(lines, "ProtectHome=yes", _protect_home(ws, argv))
-    return unit_name(ws, name), "\n".join(lines) + "\n"
+        protect = _protect_home(ws, argv)
+        if dashboard is None:
+            _replace_line(lines, f"ReadWritePaths={default_ws}",
+                          [f"ReadWritePaths={_quoted(ws_text)}"])
+        else:  # the dashboard only reads the workspace
+            protect = [("BindReadOnlyPaths=" + p[len("BindPaths="):]) if p.startswith("BindPaths=") else p
+                       for p in protect]
+        _replace_line(lines, "ProtectHome=yes", protect)
+    return unit_name(ws, name, dashboard is not None), "\n".join(lines) + "\n"
 
 
 def _minimal(paths: set[Path]) -> list[Path]:
@@ -315,6 +340,7 @@ class Installed:
     path: Path | None            # None with print_only
     text: str
     hints: list[str] = field(default_factory=list)
+    token: str | None = None     # a dashboard's new access token: shown once
 
 
 def install(
@@ -328,12 +354,30 @@ def install(
     name: str | None = None,
     directory: Path | None = None,
     check_pid1: bool = True,
+    dashboard: str | None = None,
+    token_dir: Path | None = None,
 ) -> Installed:
-    """Render the unit; unless ``print_only``, write it, daemon-reload and enable --now."""
-    unit, text = render_unit(workspace, user=user, gpu=gpu, executable=executable, name=name)
+    """Render the unit; unless ``print_only``, write it, daemon-reload and enable --now.
+
+    ``dashboard`` (HOST:PORT): the dashboard's unit instead of the daemon's. Beyond loopback it
+    needs a token: one is made here (unless the token file exists) and returned, to be shown once.
+    """
+    token_file = None
+    if dashboard is not None:
+        token_file = _dashboard_token_file(workspace, user, name, dashboard, token_dir)
+    unit, text = render_unit(workspace, user=user, gpu=gpu, executable=executable, name=name,
+                             dashboard=dashboard, token_file=token_file)
     if print_only:
         return Installed(unit, None, text)
     exe = _require_systemd(systemctl, check_pid1)
+    token = None
+    if token_file is not None and not token_file.exists():
+        from .dashboard import auth
+
+        token = auth.create(token_file)
+        if os.geteuid() == 0:  # the service runs as the workspace's owner: let it read the hash
+            ws_stat = Path(workspace).expanduser().resolve().stat()
+            os.chown(token_file, ws_stat.st_uid, ws_stat.st_gid)
     path = (directory or unit_dir(user)) / unit
     ws = str(Path(workspace).expanduser().resolve())
     other = _installed_workspace(path)
@@ -343,7 +387,21 @@ def install(
     _write_atomic(path, text)
     _systemctl(exe, user, "daemon-reload")
     _systemctl(exe, user, "enable", "--now", unit)
-    return Installed(unit, path, text, _hints(user))
+    return Installed(unit, path, text, [] if dashboard is not None else _hints(user), token)
+
+
+def _dashboard_token_file(workspace: Path, user: bool, name: str | None, listen: str,
+                          token_dir: Path | None) -> Path | None:
+    """Where a dashboard unit's token hash lives, or None on loopback (no token needed)."""
+    from .dashboard import auth
+    from .dashboard.server import parse_listen
+
+    if auth.is_loopback(parse_listen(listen)[0]):
+        return None
+    ws = Path(workspace).expanduser().resolve()
+    if user and token_dir is None:
+        return auth.default_token_file(ws)  # what `autoresearch dashboard` uses by hand, too
+    return (token_dir or SYSTEM_TOKEN_DIR) / auth.default_token_file(ws).name  # named by a hash: a plain path
 
 
 def _hints(user: bool) -> list[str]:
@@ -360,9 +418,9 @@ def _hints(user: bool) -> list[str]:
 
 
 def _installed_unit(workspace: Path, user: bool, name: str | None,
-                    directory: Path | None) -> tuple[str, Path]:
+                    directory: Path | None, dashboard: bool = False) -> tuple[str, Path]:
     """The workspace's unit name and file; a UserError if it is not installed."""
-    unit = unit_name(Path(workspace).expanduser(), name)
+    unit = unit_name(Path(workspace).expanduser(), name, dashboard)
     path = (directory or unit_dir(user)) / unit
     if not path.exists():
         raise UserError(f"{unit} is not installed (no {path}); "
@@ -378,9 +436,10 @@ def uninstall(
     name: str | None = None,
     directory: Path | None = None,
     check_pid1: bool = True,
+    dashboard: bool = False,
 ) -> str:
     """disable --now, remove the unit file, daemon-reload. Returns the unit name."""
-    unit, path = _installed_unit(workspace, user, name, directory)
+    unit, path = _installed_unit(workspace, user, name, directory, dashboard)
     exe = _require_systemd(systemctl, check_pid1)
     # Not checked: a unit that failed or was never started still has to go.
     _systemctl(exe, user, "disable", "--now", unit, check=False)
@@ -401,9 +460,10 @@ def status(
     name: str | None = None,
     directory: Path | None = None,
     check_pid1: bool = True,
+    dashboard: bool = False,
 ) -> str:
     """`systemctl status` of the workspace's unit (inactive and failed units included)."""
-    unit, _path = _installed_unit(workspace, user, name, directory)
+    unit, _path = _installed_unit(workspace, user, name, directory, dashboard)
     exe = _require_systemd(systemctl, check_pid1)
     # Exit 3 means "not running": still a status worth showing.
     proc = _systemctl(exe, user, "status", "--no-pager", "--full", unit, check=False)

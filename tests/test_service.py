@@ -356,3 +356,53 @@ def test_clear_error_when_pid1_is_not_systemd(workspace, executable, tmp_path, f
 def test_find_executable_is_absolute():
     argv = service.find_executable()
     assert Path(argv[0]).is_absolute() and Path(argv[0]).exists()
+
+
+# -- the dashboard's own unit ----------------------------------------------------------------
+
+
+def test_dashboard_unit_installs_beside_the_daemon_with_a_token_beyond_loopback(
+        workspace, executable, tmp_path, fake_systemctl, capsys):
+    import hashlib
+
+    units, tokens = tmp_path / "etc-units", tmp_path / "etc-tokens"
+    service.install(workspace, user=False, executable=executable, directory=units, check_pid1=False)
+    res = service.install(workspace, user=False, executable=executable, directory=units, check_pid1=False,
+                          dashboard="0.0.0.0:8765", token_dir=tokens)
+    assert res.unit == "autoresearch-dashboard@lab.service"
+    assert sorted(p.name for p in units.iterdir()) == ["autoresearch-dashboard@lab.service", "autoresearch@lab.service"]
+    token_file = next(tokens.iterdir())
+    assert res.token and token_file.read_text().strip() == hashlib.sha256(res.token.encode()).hexdigest()
+    assert oct(token_file.stat().st_mode & 0o777) == "0o600"
+    assert f"ExecStart={executable} dashboard ${{AUTORESEARCH_WORKSPACE}} --listen 0.0.0.0:8765 " \
+           f"--token-file {token_file}" in res.text
+    assert "ReadWritePaths" not in res.text and f'BindReadOnlyPaths="{workspace}"' in res.text  # reads only
+    assert re.search(r"^RestartPreventExitStatus=2 3 4 5$", res.text, re.M)
+    # Installed again: the token stays (it was shown once), the unit is rewritten.
+    again = service.install(workspace, user=False, executable=executable, directory=units, check_pid1=False,
+                            dashboard="0.0.0.0:8765", token_dir=tokens)
+    assert again.token is None and token_file.read_text().strip() == hashlib.sha256(res.token.encode()).hexdigest()
+    # Loopback: no token at all.
+    loop = service.install(workspace, user=True, executable=executable, directory=units, check_pid1=False,
+                           dashboard="127.0.0.1:9000")
+    assert loop.token is None and "--token-file" not in loop.text and "--listen 127.0.0.1:9000" in loop.text
+    assert service.uninstall(workspace, user=False, directory=units, check_pid1=False,
+                             dashboard=True) == "autoresearch-dashboard@lab.service"
+    assert [p.name for p in units.iterdir()] == ["autoresearch@lab.service"]  # the daemon's unit stays
+    with pytest.raises(UserError, match="the dashboard uses no GPU"):
+        service.render_unit(workspace, user=False, gpu=0, executable=executable, dashboard="127.0.0.1:8765")
+    if ANALYZE:
+        (tmp_path / res.unit).write_text(res.text)
+        with capsys.disabled():
+            print(f"\nsystemd-analyze security exposure of the dashboard unit: "
+                  f"{exposure(tmp_path / res.unit, False, tmp_path)}")
+
+
+def test_dashboard_unit_from_the_cli(workspace):
+    from daemon_fixtures import cli
+
+    out = cli("service", "install", str(workspace), "--dashboard", "--print")
+    assert out.returncode == 0, out.stderr
+    assert " dashboard ${AUTORESEARCH_WORKSPACE} --listen 127.0.0.1:8765\n" in out.stdout
+    out = cli("service", "install", str(workspace), "--listen", "0.0.0.0:1", "--print")
+    assert out.returncode == 2 and "add --dashboard" in out.stderr
