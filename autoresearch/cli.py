@@ -184,7 +184,8 @@ def cmd_status(args) -> int:
             "retry_at": state.retry_at,
             "current": None if cur is None else {"n": cur.n, "state": cur.state, "description": cur.description},
             "best_metric": state.best_metric, "best_commit": state.best_commit, "counts": state.counts(),
-            "cost_usd": state.cost_usd, "usage": state.usage, "events": state.seq}, indent=2))
+            "cost_usd": state.cost_usd, "cost_unknown": state.cost_unknown, "usage": state.usage,
+            "model": state.model or None, "events": state.seq}, indent=2))
         return 0
     text = status_text(state, str(root), pid)
     if pid is None and state.daemon not in ("stopped", "exhausted"):
@@ -229,7 +230,7 @@ def cmd_results(args) -> int:
 
 def cmd_show(args) -> int:
     from . import config as config_mod, secrets
-    from .report import fmt_metric
+    from .report import fmt_cost, fmt_metric
     from .sanitize import clean
     from .workspace import Workspace
 
@@ -247,8 +248,8 @@ def cmd_show(args) -> int:
              f"lines:       +{exp.added} -{exp.removed}"]
     if exp.reason:
         lines.append(f"reason:      {exp.reason}")
-    if exp.cost_usd or any(exp.usage.values()):
-        lines.append(f"cost:        ${exp.cost_usd:.4f} {exp.usage}")
+    if exp.cost_usd or exp.cost_unknown or any(exp.usage.values()):
+        lines.append(f"cost:        {fmt_cost(exp.cost_usd, exp.cost_unknown)} {exp.usage}")
     if exp.commit and exp.parent:
         ws = Workspace.open(root, config_mod.load(root).run.editable)
         lines += ["", "--- diff ---", ws.diff(exp.parent, exp.commit).rstrip()]

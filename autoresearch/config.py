@@ -64,24 +64,51 @@ class ProposerConfig:
 
 @dataclass(frozen=True)
 class Prices:
-    """USD per million tokens."""
+    """USD per million tokens (cache_write: the 5-minute cache, the one the proposer uses)."""
 
-    input: float = 3.0
-    output: float = 15.0
-    cache_read: float = 0.30
-    cache_write: float = 3.75
+    input: float = 0.0
+    output: float = 0.0
+    cache_read: float = 0.0
+    cache_write: float = 0.0
+
+
+# Anthropic's list prices (USD per million tokens), as published at the end of November 2026.
+# A model not listed here has no known price: its cost is recorded as unknown (never $0) unless
+# [anthropic.prices] in autoresearch.toml gives one.
+PRICES = {
+    "claude-sonnet-5-5": Prices(input=2.0, output=10.0, cache_read=0.10, cache_write=2.50),
+    "claude-sonnet-5": Prices(input=2.0, output=10.0, cache_read=0.20, cache_write=2.50),
+    "claude-opus-5-5": Prices(input=4.0, output=20.0, cache_read=0.20, cache_write=5.00),
+    "claude-opus-5": Prices(input=5.0, output=25.0, cache_read=0.50, cache_write=6.25),
+    "claude-opus-4-8": Prices(input=5.0, output=25.0, cache_read=0.50, cache_write=6.25),
+    "claude-opus-4-7": Prices(input=5.0, output=25.0, cache_read=0.50, cache_write=6.25),
+    "claude-opus-4-6": Prices(input=5.0, output=25.0, cache_read=0.50, cache_write=6.25),
+    "claude-opus-4-5": Prices(input=5.0, output=25.0, cache_read=0.50, cache_write=6.25),
+    "claude-sonnet-4-6": Prices(input=3.0, output=15.0, cache_read=0.30, cache_write=3.75),
+    "claude-sonnet-4-5": Prices(input=3.0, output=15.0, cache_read=0.30, cache_write=3.75),
+    "claude-haiku-4-5": Prices(input=1.0, output=5.0, cache_read=0.10, cache_write=1.25),
+    "claude-fable-5-1": Prices(input=10.0, output=50.0, cache_read=0.25, cache_write=12.50),
+}
+_SNAPSHOT = re.compile(r"-\d{8}$")  # claude-haiku-4-5-20251001 is priced as claude-haiku-4-5
 
 
 @dataclass(frozen=True)
 class AnthropicConfig:
-    model: str = "claude-sonnet-4-5"
-    max_tokens: int = 8192
+    model: str = "claude-sonnet-5-5"
+    max_tokens: int = 16384  # per reply, adaptive thinking included
     timeout_seconds: float = 120.0
     max_turns: int = 30
     deadline_seconds: float = 900.0
     max_nudges: int = 2
     block_after_failures: int = 3
-    prices: Prices = field(default_factory=Prices)
+    # None: the built-in price of `model` (PRICES). A table in the config replaces it.
+    prices: Prices | None = field(default=None, metadata={"table": Prices})
+
+    def price(self) -> Prices | None:
+        """What this model's tokens cost: [anthropic.prices], else the built-in table, else None."""
+        if self.prices is not None:
+            return self.prices
+        return PRICES.get(self.model) or PRICES.get(_SNAPSHOT.sub("", self.model))
 
 
 @dataclass(frozen=True)
@@ -146,12 +173,17 @@ def _build(cls, table: Any, where: str):
     if unknown:
         what = f"key {where}.{unknown[0]}" if where else f"table [{unknown[0]}]"
         raise ConfigError(f"{CONFIG_NAME}: unknown {what}")
+    if cls is Prices and set(table) != set(known):
+        # Half a price list would price some tokens at $0: all four or none.
+        raise ConfigError(f"{CONFIG_NAME}: [{where}] needs input, output, cache_read and cache_write "
+                          "(USD per million tokens)")
     values = {}
     for name, value in table.items():
         key = f"{where}.{name}" if where else name
         default = getattr(cls(), name)
-        if is_dataclass(default):
-            values[name] = _build(type(default), value, key)
+        sub = known[name].metadata.get("table")  # an optional table (None when absent)
+        if is_dataclass(default) or sub is not None:
+            values[name] = _build(sub or type(default), value, key)
             continue
         if isinstance(default, bool):
             if not isinstance(value, bool):
@@ -216,6 +248,9 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"{CONFIG_NAME}: proposer.fallback must be 'offline' or 'reject'")
     if cfg.proposer.kind == "command" and not cfg.command.argv:
         raise ConfigError(f"{CONFIG_NAME}: proposer.kind = 'command' needs command.argv")
+    if cfg.proposer.kind == "anthropic" and cfg.limits.max_cost_usd and cfg.anthropic.price() is None:
+        raise ConfigError(f"{CONFIG_NAME}: limits.max_cost_usd needs a price for anthropic.model "
+                          f"{cfg.anthropic.model!r}, which has no built-in one: add [anthropic.prices]")
     if cfg.sandbox.mode not in ("auto", "off"):
         raise ConfigError(f"{CONFIG_NAME}: sandbox.mode must be 'auto' or 'off'")
     if cfg.workload.profile not in ("", "cpu", "gpu"):
@@ -285,7 +320,7 @@ def render(cfg: Config, comments: dict[str, str] | None = None) -> str:
         out.append(f"[{name}]")
         for f in fields(obj):
             value = getattr(obj, f.name)
-            if is_dataclass(value):
+            if is_dataclass(value) or value is None:
                 continue
             key = f"{name}.{f.name}"
             line = f"{f.name} = {_toml_value(value)}"
@@ -318,6 +353,7 @@ COMMENTS = {
     "judge.noise_runs": "re-run the baseline k times; keep threshold = max(min_delta, 2 sigma)",
     "proposer.kind": "offline | anthropic | command",
     "proposer.fallback": "when the agent gives no edit: offline | reject",
+    "anthropic.model": "see docs/AGENTS.md; checked through the Models API at start",
     "limits.max_experiments": "0 = unlimited",
     "limits.max_hours": "0 = unlimited",
     "limits.max_cost_usd": "0 = unlimited",

@@ -147,6 +147,7 @@ class Daemon:
         self._result: RunResult | None = None
         self._failures = 0  # consecutive blocks, for the backoff
         self._session_experiments = 0
+        self._model_checked: str | None = None  # the anthropic model looked up in this start
         self._changes: dict[int, str] = {}  # experiment -> prompt.change_summary (cache)
         self._fingerprints: dict[tuple, tuple | None] = {}  # (commit, editable) -> blob ids (cache)
         self._observer = None
@@ -255,7 +256,7 @@ class Daemon:
         structlog.contextvars.bind_contextvars(experiment=event.experiment, state=dest, trigger=trigger)
         small = {k: v for k, v in payload.items()
                  if k in ("commit", "metric", "reason", "description", "kind", "request", "retry_at",
-                          "exit_code", "cost_usd", "outcome", "error") and v not in (None, "")}
+                          "exit_code", "cost_usd", "outcome", "error", "lifecycle") and v not in (None, "")}
         log.info(f"{aggregate} {trigger}: {source} -> {dest}", seq=event.seq, **small)
         self._send_status()
         faults.point(f"post:{trigger}")
@@ -428,7 +429,8 @@ class Daemon:
                 if state == "starting":
                     d.fire("prepare")
                 elif state == "preparing":
-                    self._prepare()
+                    if self._check_model():
+                        self._prepare()
                 elif state == "baseline":
                     self._baseline_step()
                 elif state == "running":
@@ -793,6 +795,8 @@ class Daemon:
         if self.ws.head() != best or self.ws.branch != self.branch \
                 or [p for p in self.ws.changes().paths if p not in HUMAN_FILES]:
             self._reset(best)
+        if not self._check_model():  # the config now names another model, and it is retired
+            return
         human = {p: (self.root / p).read_bytes() for p in HUMAN_FILES if (self.root / p).exists()}
         ctx = self._context(cur.n)
         proposer = self._make_proposer(self.cfg)
@@ -842,6 +846,40 @@ class Daemon:
                    proposer=proposal.proposer, usage=proposal.usage, cost_usd=proposal.cost_usd,
                    meta=proposal.meta)
         self._commit(self.state.experiments[cur.n], model, best)
+
+    def _check_model(self) -> bool:
+        """Look the anthropic proposer's model up through the Models API: once per start, and
+        again when the config names another one. Recorded (`status` shows it) and logged; a
+        retired model blocks with the reason. False when blocked.
+
+        An answer the API cannot give (an outage, a gateway without /v1/models) is recorded as
+        `unknown` and does not block: the proposals' own retry policy deals with outages.
+        """
+        if self.cfg.proposer.kind != "anthropic" or self._model_checked == self.cfg.anthropic.model:
+            return True
+        from .proposers.anthropic import lookup_model
+
+        model = self.cfg.anthropic.model
+        self.watchdog.tick()
+        try:
+            info = lookup_model(self.cfg.anthropic)
+        except ProposerAuthError as exc:
+            self._block(f"API key rejected: {exc.reason}", retry_after=exc.retry_after)
+            return False
+        except ProposerUnavailable as exc:
+            info = {"id": model, "lifecycle": "unknown", "error": exc.reason}
+        self.machines.daemon.fire("note", kind="model", model=model, **info)
+        lifecycle = info["lifecycle"]
+        if lifecycle == "retired":
+            self._block(f"model {model} is retired (Models API): set anthropic.model in "
+                        f"{config_mod.CONFIG_NAME} to a current model, e.g. {config_mod.AnthropicConfig.model}",
+                        retry_after=600.0)
+            return False
+        if lifecycle != "active":
+            log.warning(f"model {model} is {lifecycle}", retires_at=info.get("retires_at"),
+                        error=info.get("error"))
+        self._model_checked = model
+        return True
 
     def _search_exhausted(self, error: NoEdit) -> None:
         """The offline search has nothing left to try: stop for good rather than spin on rejections."""

@@ -29,7 +29,8 @@ Daemon machine:
   baseline_done  n, commit, metric, sigma, threshold
   pause/resume   request (pause: restored=True when re-entered after a restart)
   note       kind: program_changed (old_hash, new_hash, added, removed) | config_reloaded |
-             config_rejected (error) | adopted_user_commit (commit) | request (request, outcome)
+             config_rejected (error) | adopted_user_commit (commit) | request (request, outcome) |
+             model (model, id, display_name, lifecycle, deprecated_at, retires_at, error)
 """
 
 from __future__ import annotations

@@ -18,6 +18,28 @@ def fmt_metric(value: float | None) -> str:
     return f"{value:.6f}" if math.isfinite(value) else str(value)
 
 
+def fmt_cost(usd: float, unknown: bool = False, digits: int = 4) -> str:
+    """`$0.0123`; with tokens of no known price: `unknown`, or `$0.0123 + unknown`."""
+    if not unknown:
+        return f"${usd:.{digits}f}"
+    return f"${usd:.{digits}f} + unknown" if usd else "unknown"
+
+
+def fmt_model(model: dict) -> str:
+    """The anthropic model as the Models API last described it, e.g.
+    `claude-sonnet-4-5 (deprecated, retires 2026-11-30)`."""
+    text = model.get("model") or model.get("id") or "?"
+    lifecycle = model.get("lifecycle") or "unknown"
+    if lifecycle == "active":
+        return text
+    detail = lifecycle
+    if lifecycle == "deprecated" and model.get("retires_at"):
+        detail += f", retires {model['retires_at']}"
+    elif lifecycle == "unknown" and model.get("error"):
+        detail += f": {model['error']}"
+    return f"{text} ({detail})"
+
+
 def fmt_duration(seconds: float) -> str:
     seconds = max(0, int(seconds))
     h, rest = divmod(seconds, 3600)
@@ -51,8 +73,8 @@ def status_line(state: State, run_elapsed: float | None = None, budget: float | 
     parts.append(f"best {fmt_metric(state.best_metric)}")
     counts = state.counts()
     parts.append(f"{counts['kept']} kept / {sum(counts.values())}")
-    if state.cost_usd:
-        parts.append(f"${state.cost_usd:.2f}")
+    if state.cost_usd or state.cost_unknown:
+        parts.append(fmt_cost(state.cost_usd, state.cost_unknown, 2))
     return " · ".join(parts)
 
 
@@ -90,7 +112,7 @@ def totals_line(state: State) -> str:
     counts, u = state.counts(), state.usage
     return (f"{sum(counts.values())} experiments: {counts['kept']} kept, {counts['discarded']} discarded, "
             f"{counts['crashed']} crashed, {counts['rejected']} rejected · best {fmt_metric(state.best_metric)}"
-            f" · cost ${state.cost_usd:.4f} (tokens in {u.get('input_tokens', 0)}, out "
+            f" · cost {fmt_cost(state.cost_usd, state.cost_unknown)} (tokens in {u.get('input_tokens', 0)}, out "
             f"{u.get('output_tokens', 0)}, cache read {u.get('cache_read_input_tokens', 0)}, cache write "
             f"{u.get('cache_creation_input_tokens', 0)})")
 
@@ -112,6 +134,8 @@ def status_text(state: State, workspace: str, daemon_pid: int | None) -> str:
     if best is not None:
         lines.append(f"best:       {fmt_metric(state.best_metric)} (exp {best.n}, {(best.commit or '')[:7]}: "
                      f"{best.description or 'baseline'})")
+    if state.model:
+        lines.append(f"model:      {fmt_model(state.model)}")
     if state.noise_sigma is not None:
         lines.append(f"noise:      sigma {state.noise_sigma:.6f}, keep threshold {state.threshold:.6f}")
     lines.append(f"totals:     {totals_line(state)}")

@@ -41,7 +41,8 @@ class Experiment:
     log_tail: str = ""
     sandbox: str = ""
     usage: dict[str, int] = field(default_factory=dict)
-    cost_usd: float = 0.0
+    cost_usd: float = 0.0  # the priced part; see cost_unknown
+    cost_unknown: bool = False  # some tokens had no known price: the true cost is higher
     started: str = ""
     ended: str = ""
 
@@ -70,9 +71,11 @@ class State:
     boots: int = 0
     first_time: str = ""
     last_time: str = ""
-    cost_usd: float = 0.0
+    cost_usd: float = 0.0  # the priced part; see cost_unknown
+    cost_unknown: bool = False  # some tokens had no known price
     usage: dict[str, int] = field(default_factory=dict)
     last_failure_n: int | None = None
+    model: dict[str, Any] = field(default_factory=dict)  # the anthropic model as the Models API saw it
 
     # -- derived views (no state of their own) --
 
@@ -108,7 +111,10 @@ def apply(state: State, event) -> State:
     state.seq, state.hash, state.last_time = event.seq, event.hash, event.time
     state.first_time = state.first_time or event.time
     _add_usage(state.usage, p.get("usage", {}))
-    state.cost_usd += float(p.get("cost_usd", 0.0))
+    unpriced = "cost_usd" in p and p["cost_usd"] is None
+    cost = float(p.get("cost_usd") or 0.0)
+    state.cost_usd += cost
+    state.cost_unknown = state.cost_unknown or unpriced
 
     if event.aggregate == "daemon":
         state.daemon = event.dest
@@ -129,6 +135,9 @@ def apply(state: State, event) -> State:
             state.threshold = p.get("threshold", 0.0)
         elif t == "note" and kind == "program_changed":
             state.program_hash = p["new_hash"]
+        elif t == "note" and kind == "model":
+            state.model = {k: p.get(k) for k in ("model", "id", "lifecycle", "deprecated_at", "retires_at",
+                                                 "error")}
         elif t == "note" and kind == "adopted_user_commit":
             state.best_commit = p["commit"]
         if event.dest not in ("blocked", "exhausted", "stopped"):
@@ -141,7 +150,8 @@ def apply(state: State, event) -> State:
         exp = state.experiments[n] = Experiment(n=n, started=event.time)
     exp.state = event.dest
     _add_usage(exp.usage, p.get("usage", {}))
-    exp.cost_usd += float(p.get("cost_usd", 0.0))
+    exp.cost_usd += cost
+    exp.cost_unknown = exp.cost_unknown or unpriced
     t = event.trigger
     if t == "start":
         exp.kind = p.get("kind", "experiment")

@@ -7,6 +7,10 @@
         ...
         api.requests[0].body["messages"]            # what the client sent
 
+GET /v1/models/<id> answers from `models` (id -> a ModelInfo body, see `model_info`;
+pre-filled with a current, a deprecated and a retired model), 404 for any other id;
+those requests are recorded in `model_requests`, apart from the Messages API's.
+
 Each POST /v1/messages takes the next scripted item from a queue. An item is a
 `Reply` (status, JSON body, headers, optional delay, or `drop=True` to close
 the socket without answering) or a callable ``f(request) -> Reply`` that can
@@ -136,10 +140,31 @@ def tweak_constant(path: str = "train.py") -> Callable[[Request], Reply]:
     return respond
 
 
+def model_info(id: str, lifecycle: str = "active", deprecated_at: str | None = None,
+               retires_at: str | None = None) -> dict:
+    """A Models API ModelInfo body (dates as YYYY-MM-DD)."""
+    def stamp(day):
+        return f"{day}T00:00:00Z" if day else None
+
+    return {"type": "model", "id": id, "display_name": id.replace("-", " ").title(),
+            "created_at": "2026-01-01T00:00:00Z", "lifecycle": lifecycle,
+            "deprecated_at": stamp(deprecated_at), "retires_at": stamp(retires_at)}
+
+
+def default_models() -> dict[str, dict]:
+    return {m["id"]: m for m in (
+        model_info("claude-sonnet-5-5"),
+        model_info("claude-sonnet-4-5", "deprecated", "2026-08-01", "2026-11-30"),
+        model_info("claude-3-7-sonnet-20250219", "retired", "2025-10-28", "2026-02-19"),
+    )}
+
+
 class FakeAnthropic:
     def __init__(self):
         self.queue: deque = deque()
         self.requests: list[Request] = []
+        self.models: dict[str, dict] = default_models()
+        self.model_requests: list[Request] = []
         self.default: Callable[[Request], Reply] | None = None
         self.errors: list[str] = []  # problems of the fake itself (unscripted requests)
         self._lock = threading.Lock()
@@ -151,6 +176,19 @@ class FakeAnthropic:
 
             def log_message(self, *args):  # keep test output clean
                 pass
+
+            def do_GET(self):
+                req = Request(self.path, {k.lower(): v for k, v in self.headers.items()}, {}, time.monotonic())
+                fake.model_requests.append(req)
+                prefix = "/v1/models/"
+                info = fake.models.get(self.path[len(prefix):].split("?")[0]) if self.path.startswith(prefix) else None
+                reply = Reply(body=info) if info else error_reply(404, "not_found_error", f"model: {self.path}")
+                payload = json.dumps(reply.body).encode()
+                self.send_response(reply.status)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
 
             def do_POST(self):
                 length = int(self.headers.get("content-length") or 0)

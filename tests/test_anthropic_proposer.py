@@ -262,3 +262,66 @@ def test_tweak_constant_script_drives_several_proposals(api, lab):
     assert descriptions == ["BATCH 32 -> 16", "WARMUP 100 -> 200", "LR 0.01 -> 0.005"]
     assert "LR = 0.005\nBATCH = 16\nWARMUP = 200\n" in files["train.py"]
     assert len(api.requests) == 3
+
+
+# ---------------------------------------------------------------------- model, prices, thinking
+
+def test_the_default_model_is_current_in_the_installed_sdk():
+    import anthropic._data as sdk_data
+    from typing import get_args
+
+    from anthropic.types.model_param import ModelParam
+
+    model = AnthropicConfig().model
+    assert model not in sdk_data.DEPRECATED_MODELS  # the SDK warns about these (end of life)
+    assert model in get_args(get_args(ModelParam)[0])
+    assert AnthropicConfig().price() is not None  # and its cost is known
+
+
+def test_an_unpriced_model_records_its_cost_as_unknown_not_zero(api, lab):
+    ws, harness = lab
+    api.push(good_edit(), tool_reply(finish("LR up"), use=usage(100, 10)))
+    prop = proposer(model="claude-unlisted-9", prices=None).propose(make_ctx(ws, harness))
+    assert prop.cost_usd is None and prop.usage["input_tokens"] == 200
+    api.push(tool_reply(editor("view", path="train.py")))
+    api.push(text_reply("no idea"), text_reply("still nothing"), text_reply("no"))
+    with pytest.raises(NoEdit) as info:
+        proposer(model="claude-unlisted-9", prices=None).propose(make_ctx(ws, harness))
+    assert info.value.cost_usd is None and info.value.usage["input_tokens"] > 0
+
+
+def test_prices_come_from_the_table_per_model_unless_configured(api, lab):
+    ws, harness = lab
+    use = usage(1_000_000, 100_000, cache_read=1_000_000, cache_write=1_000_000)
+    api.push(tool_reply(editor("str_replace", path="train.py", old_str="LR = 0.01", new_str="LR = 0.02"),
+                        finish("LR up"), use=use))
+    prop = proposer(model="claude-haiku-4-5-20251001", prices=None).propose(make_ctx(ws, harness))
+    assert prop.cost_usd == pytest.approx(1.0 + 0.5 + 0.10 + 1.25)  # the snapshot id: claude-haiku-4-5's price
+    api.push(tool_reply(editor("str_replace", path="train.py", old_str="LR = 0.01", new_str="LR = 0.02"),
+                        finish("LR up"), use=use))
+    mine = Prices(input=1.0, output=1.0, cache_read=1.0, cache_write=1.0)
+    prop = proposer(model="claude-haiku-4-5", prices=mine).propose(make_ctx(ws, harness))
+    assert prop.cost_usd == pytest.approx(1.0 + 0.1 + 1.0 + 1.0)
+
+
+def test_thinking_blocks_go_back_exactly_as_received(api, lab):
+    ws, harness = lab
+    thinking = {"type": "thinking", "thinking": "The LR looks low.", "signature": "sig-abc123"}
+    edit = editor("str_replace", path="train.py", old_str="LR = 0.01", new_str="LR = 0.02")
+    api.push(Reply(body=message([thinking, edit], "tool_use")), tool_reply(finish("LR up")))
+    proposer().propose(make_ctx(ws, harness))
+    replayed = api.requests[1].body["messages"][1]["content"]
+    assert replayed[0] == thinking and replayed[1]["type"] == "tool_use"
+
+
+def test_lookup_model_reads_the_models_api(api):
+    from autoresearch.proposers.anthropic import lookup_model
+    from autoresearch.proposers.base import ProposerUnavailable
+
+    assert lookup_model(CFG.__class__(model="claude-sonnet-5-5"))["lifecycle"] == "active"
+    old = lookup_model(CFG.__class__(model="claude-sonnet-4-5"))
+    assert old["lifecycle"] == "deprecated" and old["retires_at"] == "2026-11-30"
+    with pytest.raises(ProposerUnavailable) as info:
+        lookup_model(CFG.__class__(model="claude-nonexistent"))
+    assert "404" in info.value.reason
+    assert api.model_requests[0].path == "/v1/models/claude-sonnet-5-5" and api.model_requests[0].api_key == KEY

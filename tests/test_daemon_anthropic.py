@@ -7,7 +7,7 @@ burning experiments; a reply recorded before a crash is never requested again.
 
 import signal
 
-from anthropic_fake import FakeAnthropic, error_reply, tweak_constant
+from anthropic_fake import FakeAnthropic, error_reply, model_info, tweak_constant
 from daemon_fixtures import cli, events, make_workspace, state
 
 CANARY = "sk-ant-api03-CANARY-" + "c4n4ry" * 8
@@ -114,3 +114,59 @@ def test_the_cost_cap_exhausts_the_daemon(tmp_path):
     st = state(root)
     assert st.daemon == "exhausted" and "max_cost_usd" in st.reason and st.cost_usd >= 0.0001
     assert [e.state for e in st.experiments.values()][1:] in (["kept"], ["discarded"])
+
+
+def test_a_deprecated_model_is_shown_in_status_and_the_log(tmp_path):
+    root = _workspace(tmp_path, model="claude-sonnet-4-5")
+    with FakeAnthropic() as api:
+        api.default = tweak_constant()
+        out = cli("run", str(root), "--max-experiments", "1", env=_env(api))
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert [r.path for r in api.model_requests] == ["/v1/models/claude-sonnet-4-5"]
+    note = next(e for e in events(root) if e.payload.get("kind") == "model")
+    assert note.payload["lifecycle"] == "deprecated" and note.payload["retires_at"] == "2026-11-30"
+    status = cli("status", str(root))
+    assert "model:      claude-sonnet-4-5 (deprecated, retires 2026-11-30)" in status.stdout
+    daemon_log = (root / ".autoresearch" / "daemon.log").read_text()
+    assert "model claude-sonnet-4-5 is deprecated" in daemon_log
+    assert state(root).experiments[1].state in ("kept", "discarded")  # deprecated still works
+
+
+def test_a_retired_model_blocks_with_a_clear_reason(tmp_path):
+    root = _workspace(tmp_path, model="claude-3-7-sonnet-20250219")
+    with FakeAnthropic() as api:
+        api.default = tweak_constant()
+        out = cli("run", str(root), "--for", "4s", env=_env(api))
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert api.requests == []  # not one Messages API call
+    block = next(e for e in events(root) if e.trigger == "block")
+    assert block.payload["reason"].startswith("model claude-3-7-sonnet-20250219 is retired (Models API): "
+                                              "set anthropic.model in autoresearch.toml")
+    assert not any(e.trigger == "begin_baseline" for e in events(root))  # blocked before the baseline
+    status = cli("status", str(root))
+    assert "model:      claude-3-7-sonnet-20250219 (retired)" in status.stdout
+
+
+def test_an_unpriced_model_records_cost_unknown_never_zero(tmp_path):
+    root = _workspace(tmp_path, model="claude-unlisted-9")
+    with FakeAnthropic() as api:
+        api.models["claude-unlisted-9"] = model_info("claude-unlisted-9")
+        api.default = tweak_constant()
+        out = cli("run", str(root), "--max-experiments", "1", env=_env(api))
+        assert out.returncode == 0, out.stderr[-2000:]
+    st = state(root)
+    assert st.cost_unknown and st.cost_usd == 0 and st.usage["input_tokens"] > 0
+    status, results = cli("status", str(root)), cli("results", str(root))
+    assert "cost unknown" in status.stdout and "cost unknown" in results.stderr
+    assert "$0.00" not in status.stdout + results.stderr
+    show = cli("show", str(root), "1")
+    assert "cost:        unknown" in show.stdout
+
+
+def test_a_cost_cap_needs_a_price(tmp_path):
+    root = make_workspace(tmp_path / "ws", proposer={"kind": "anthropic"}, anthropic={"model": "claude-unlisted-9"})
+    (root / "autoresearch.toml").write_text((root / "autoresearch.toml").read_text().replace(
+        "max_cost_usd = 0.0", "max_cost_usd = 5.0"))
+    out = cli("run", str(root), "--max-experiments", "1")
+    assert out.returncode == 2 and not (root / ".autoresearch" / "events.sqlite").exists()
+    assert "limits.max_cost_usd needs a price for anthropic.model 'claude-unlisted-9'" in out.stderr

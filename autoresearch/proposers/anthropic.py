@@ -9,6 +9,14 @@ daemon can record the proposal in its event log before writing it (replay).
 and the harness source; writes anywhere but the editable files are refused
 with a tool error.
 
+Thinking blocks in a reply (current models think by default) are sent back
+unchanged within the conversation, as the API requires with tool use.
+
+``lookup_model`` asks the Models API about the configured model (lifecycle:
+active, deprecated, retired); the daemon calls it at start. Cost comes from
+the model's price (config.AnthropicConfig.price); an unknown price makes the
+cost ``None`` (unknown), never 0.
+
 The model ends a proposal by calling a small custom tool, ``finish``, with a
 one-line description. A tool (rather than "the final text is the
 description") gives a structured, unambiguous end signal and keeps chatty
@@ -60,6 +68,7 @@ VIEW_MAX_CHARS = 100_000  # a view result larger than this is cut (the file can 
 DIR_MAX_ENTRIES = 300
 RETRYABLE_STATUS = {408, 409, 429}  # plus every status >= 500 (529 = overloaded)
 AUTH_STATUS = {401, 402, 403, 404}  # key, billing, permission, unknown model: a human must act
+LOOKUP_TIMEOUT_S = 15.0  # the Models API lookup at start (the main loop waits for it)
 USAGE_KEYS = ("input_tokens", "output_tokens", "cache_read_input_tokens", "cache_creation_input_tokens")
 
 
@@ -221,8 +230,8 @@ class EditSession:
 
 class AnthropicProposer:
     """Proposer(cfg): cfg has model, max_tokens, timeout_seconds, max_turns,
-    deadline_seconds, max_nudges, block_after_failures and prices
-    (input, output, cache_read, cache_write: USD per million tokens)."""
+    deadline_seconds, max_nudges, block_after_failures and price() (input, output,
+    cache_read, cache_write: USD per million tokens; None when unknown)."""
 
     name = "anthropic"
 
@@ -235,8 +244,11 @@ class AnthropicProposer:
         secrets.install_log_guard()
 
     # -- bookkeeping -------------------------------------------------------
-    def _cost(self, usage: dict) -> float:
-        p = self.cfg.prices
+    def _cost(self, usage: dict) -> float | None:
+        """USD for `usage`; None when the model has no known price (recorded as unknown, not $0)."""
+        p = self.cfg.price()
+        if p is None:
+            return None
         return (usage["input_tokens"] * p.input + usage["output_tokens"] * p.output
                 + usage["cache_read_input_tokens"] * p.cache_read
                 + usage["cache_creation_input_tokens"] * p.cache_write) / 1e6
@@ -317,7 +329,11 @@ class AnthropicProposer:
         # str_replace missing its new_str would delete code): run none of its calls.
         cut_off = reply.stop_reason == "max_tokens"
         for block in reply.content:
-            if block.type == "text":
+            if block.type in ("thinking", "redacted_thinking"):
+                # Thinking (on by default on current models) must go back exactly as received,
+                # signature included, or the next call with our tool results is refused.
+                content.append(block.to_dict())
+            elif block.type == "text":
                 content.append({"type": "text", "text": block.text})
                 texts.append(block.text)
             elif block.type == "tool_use":
@@ -401,6 +417,42 @@ class AnthropicProposer:
                                           retry_after=delay, **self._spent(usage))
             if ctx.cancel.wait(delay):
                 raise ProposerUnavailable("proposal cancelled", **self._spent(usage))
+
+
+def lookup_model(cfg, api_key: str | None = None) -> dict:
+    """The configured model as the Models API describes it: id, display_name, lifecycle
+    (active | deprecated | retired), deprecated_at, retires_at (ISO dates or None).
+
+    Raises ProposerAuthError for a missing or rejected key, ProposerUnavailable when the API
+    cannot say (outage, a gateway without /v1/models, a model it does not list): the caller
+    decides what an unknown lifecycle means. One call, no retries, a short timeout: the daemon
+    makes it from its main loop.
+    """
+    key = api_key or secrets.load_api_key()
+    if not key:
+        raise ProposerAuthError(f"no Anthropic API key: set {secrets.ENV_NAME} or the systemd credential "
+                                f"{secrets.CREDENTIAL_NAME}", retry_after=300.0)
+    secrets.remember(key)
+    client = anthropic.Anthropic(api_key=key, timeout=min(float(cfg.timeout_seconds), LOOKUP_TIMEOUT_S),
+                                 max_retries=0)
+    try:
+        info = client.models.retrieve(cfg.model)
+    except anthropic.APIStatusError as exc:
+        detail = secrets.redact(one_line(str(exc.api_message or exc.type or ""), 160))
+        if exc.status_code in (401, 403):
+            raise ProposerAuthError(f"Anthropic API: key rejected (HTTP {exc.status_code}): {detail}",
+                                    retry_after=600.0) from None
+        raise ProposerUnavailable(f"Models API HTTP {exc.status_code}: {detail}") from None
+    except anthropic.APIError as exc:
+        raise ProposerUnavailable(f"Models API: {secrets.redact(one_line(str(exc.__cause__ or exc), 160))}") from None
+    finally:
+        client.close()
+
+    def day(value):
+        return value.date().isoformat() if value is not None else None
+
+    return {"id": info.id, "display_name": info.display_name, "lifecycle": info.lifecycle,
+            "deprecated_at": day(info.deprecated_at), "retires_at": day(info.retires_at)}
 
 
 def _with_rolling_cache(messages: list[dict]) -> list[dict]:

@@ -49,7 +49,7 @@ class Proposal:
     files: dict[str, str] | None  # new content of changed editable files; None = worktree edited
     proposer: str
     usage: dict[str, int] = field(default_factory=lambda: dict(ZERO_USAGE))
-    cost_usd: float = 0.0
+    cost_usd: float | None = 0.0  # None: the model's price is unknown (recorded as such, never $0)
     meta: dict = field(default_factory=dict)
 
 
@@ -60,7 +60,7 @@ class Proposer(Protocol):
 
 
 class ProposerError(Exception):
-    def __init__(self, reason: str, *, usage: dict | None = None, cost_usd: float = 0.0):
+    def __init__(self, reason: str, *, usage: dict | None = None, cost_usd: float | None = 0.0):
         super().__init__(reason)
         self.reason = reason
         self.usage = dict(usage or ZERO_USAGE)
