@@ -229,6 +229,8 @@ class Daemon:
                     and self.ws.commit_matches(head, cur.files, parent=self.state.best_commit):
                 known.add(head)  # killed between `git commit` and setting its ref
         self._adopt_head = None
+        if head != best and head not in known and self._agent_leftovers_possible():
+            known.add(head)  # an agent CLI's own commit, from before we died: kept aside, rolled back
         if head != best and head not in known:
             # The user's own commits on top of best are fine unless they touch editable files:
             # then the recorded metric of `best` would no longer describe the code.
@@ -792,7 +794,12 @@ class Daemon:
         if cur.files is not None:  # recorded before a crash: re-apply it, never ask again
             self._commit(cur, model, best)
             return
-        if self.ws.head() != best or self.ws.branch != self.branch \
+        head = self.ws.head()
+        if head != best:
+            # Only an agent CLI's own commit, left by a crash while it ran, puts HEAD elsewhere
+            # here (ours are recorded first): kept reachable, like a rejected one, then rolled back.
+            self.ws.set_rejected_ref(cur.n, head)
+        if head != best or self.ws.branch != self.branch \
                 or [p for p in self.ws.changes().paths if p not in HUMAN_FILES]:
             self._reset(best)
         if not self._check_model():  # the config now names another model, and it is retired

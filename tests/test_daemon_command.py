@@ -1,11 +1,13 @@
 """The daemon with a command agent (a small script standing in for an agent CLI), run as a user
 runs it: `autoresearch run`, then git and the event log are checked from outside."""
 
+import os
+import signal
 import subprocess
 import sys
 import textwrap
 
-from daemon_fixtures import cli, events, git, make_workspace, state
+from daemon_fixtures import cli, events, git, kill9, make_workspace, spawn_daemon, state, wait_for
 
 
 def _workspace(tmp_path, body: str, **tables):
@@ -71,3 +73,29 @@ def test_uncommitted_config_edit_does_not_turn_no_edit_into_a_rejection(tmp_path
     # Documented: an agent that changes nothing falls back to the offline search.
     assert exp.proposer == "offline" and exp.state in ("kept", "discarded"), (exp.state, exp.reason)
     assert "not committed" in (root / "autoresearch.toml").read_text()
+
+
+def test_an_agents_commit_left_by_a_kill_is_kept_aside_not_adopted(tmp_path):
+    marker = tmp_path / "committed"
+    root = _workspace(tmp_path, COMMIT.replace('print("WIDTH 100, committed myself")', f"""
+    open({str(marker)!r}, "w").write(str(__import__("os").getpid()))
+    __import__("time").sleep(60)"""))
+    branch = git(root, "symbolic-ref", "HEAD")
+    daemon = spawn_daemon(root, "--max-experiments", "1")
+    try:
+        wait_for(marker.exists, timeout=60)
+        kill9(daemon)  # the daemon dies while its agent has just committed on the branch
+    finally:
+        if daemon.poll() is None:
+            kill9(daemon)
+        if marker.exists():
+            os.kill(int(marker.read_text()), signal.SIGKILL)
+    agent_commit = git(root, "rev-parse", "HEAD")
+    assert "WIDTH = 100" in git(root, "show", "HEAD:train.py")
+    (tmp_path / "agent.py").write_text("import sys\nsys.stdin.read()\n")  # now an agent that does nothing
+    out = cli("run", str(root), "--max-experiments", "1")
+    assert out.returncode == 0, out.stderr[-2000:]  # not refused, not adopted as the person's commit
+    st = _check_restored(root, branch)
+    assert not any(e.payload.get("kind") == "adopted_user_commit" for e in events(root))
+    assert git(root, "rev-parse", "refs/autoresearch/rejected/1") == agent_commit
+    assert st.experiments[1].interrupts == 1 and st.experiments[1].proposer == "offline"
