@@ -41,6 +41,12 @@ def _duration(text: str) -> float:
     return h * 3600 + mi * 60 + s
 
 
+def _experiment_number(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"not an experiment number: {text!r} (usage: show [DIR] N)")
+    return int(text)
+
+
 def _workspace_dir(path: str) -> Path:
     root = Path(path).absolute()
     if not root.is_dir():
@@ -230,7 +236,7 @@ def cmd_results(args) -> int:
 
 def cmd_show(args) -> int:
     from . import config as config_mod, secrets
-    from .report import fmt_cost, fmt_metric
+    from .report import experiment_text
     from .sanitize import clean
     from .workspace import Workspace
 
@@ -240,23 +246,11 @@ def cmd_show(args) -> int:
     if exp is None:
         raise _no_experiment(args.n, state.experiments)
     secrets.remember_environment()
-    lines = [f"experiment {exp.n} ({exp.kind}): {exp.state}",
-             f"description: {exp.description or '-'}",
-             f"proposer:    {exp.proposer or '-'}",
-             f"commit:      {exp.commit or '-'} (parent {exp.parent or '-'})",
-             f"metric:      {fmt_metric(exp.metric)}" + (f"  (runs: {exp.metrics})" if len(exp.metrics) > 1 else ""),
-             f"lines:       +{exp.added} -{exp.removed}"]
-    if exp.reason:
-        lines.append(f"reason:      {exp.reason}")
-    if exp.cost_usd or exp.cost_unknown or any(exp.usage.values()):
-        lines.append(f"cost:        {fmt_cost(exp.cost_usd, exp.cost_unknown)} {exp.usage}")
+    diff = None
     if exp.commit and exp.parent:
-        ws = Workspace.open(root, config_mod.load(root).run.editable)
-        lines += ["", "--- diff ---", ws.diff(exp.parent, exp.commit).rstrip()]
-    if exp.log_tail:
-        lines += ["", "--- log tail ---", exp.log_tail.rstrip()[-args.tail_chars:]]
-    # Everything above may carry an agent's or a run's text: no escapes, no secrets.
-    print(clean("\n".join(lines)))
+        diff = Workspace.open(root, config_mod.load(root).run.editable).diff(exp.parent, exp.commit)
+    # All of it may carry an agent's or a run's text: no escapes, no secrets.
+    print(clean(experiment_text(exp, diff, args.tail_chars)))
     return 0
 
 
@@ -312,9 +306,13 @@ def cmd_repair(args) -> int:
 def cmd_plot(args) -> int:
     from . import config as config_mod
     from .plot import plot
+    from .report import finished
 
     root = _workspace_dir(args.dir)
     state = _read_state(root)
+    if not finished(state):
+        raise UserError(f"{args.dir}: nothing to plot yet: no experiment has finished (not even the "
+                        "baseline); no file written")
     out = Path(args.output)
     count = plot(state, out, config_mod.load(root).run.direction)
     print(f"wrote {out} ({count} experiments)")
@@ -459,9 +457,11 @@ def build_parser() -> argparse.ArgumentParser:
              "autoresearch results lab > results.tsv")
     sp.add_argument("dir", nargs="?", default=".")
 
-    sp = add("show", cmd_show, "diff, metric and log tail of one experiment", "autoresearch show lab 7")
-    sp.add_argument("dir")
-    sp.add_argument("n", type=int)
+    sp = add("show", cmd_show, "diff, metric and log tail of one experiment (show [DIR] N)",
+             "autoresearch show lab 7")
+    # One argument is the experiment (the directory defaults to the current one); two are DIR N.
+    sp.add_argument("dir", nargs="?", default=".")
+    sp.add_argument("n", type=_experiment_number, metavar="N")
     sp.add_argument("--tail-chars", type=int, default=3000)
 
     sp = add("verify", cmd_verify, "check the event log: sequence, hash chain, schema, legal transitions",

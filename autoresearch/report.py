@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from typing import Iterable
 
-from .state import State
+from .state import Experiment, State
 
 
 def fmt_metric(value: float | None) -> str:
@@ -78,28 +78,54 @@ def status_line(state: State, run_elapsed: float | None = None, budget: float | 
     return " · ".join(parts)
 
 
+def outcome(exp: Experiment) -> str:
+    """How a finished experiment ended, as results, plot and show all name it:
+    kept | discarded | skipped (discarded before its run gave a metric) | crashed | rejected."""
+    if exp.state == "discarded" and not (exp.metric is not None and math.isfinite(exp.metric)):
+        return "skipped"
+    return exp.state
+
+
+def listed(exp: Experiment) -> bool:
+    """Whether results lists it and plot charts it: finished; failed baseline attempts are not
+    experiments (the baseline is retried until it is kept)."""
+    return exp.terminal and not (exp.kind == "baseline" and exp.state != "kept")
+
+
+def finished(state: State) -> list[Experiment]:
+    """The listed experiments, in order."""
+    return [e for _, e in sorted(state.experiments.items()) if listed(e)]
+
+
 RESULTS_HEADER = ("commit", "val_bpb", "memory_gb", "status", "description")
-_STATUS_WORD = {"kept": "keep", "discarded": "discard", "crashed": "crash", "rejected": "reject"}
+_STATUS_WORD = {"kept": "keep", "discarded": "discard", "skipped": "discard", "crashed": "crash",
+                "rejected": "reject"}
 
 
 def results_rows(state: State) -> list[tuple[str, str, str, str, str]]:
     """autoresearch's results.tsv rows: one per finished experiment, baseline first.
 
-    As in autoresearch, a crashed run's val_bpb and memory are written as 0.
-    A rejected proposal (never run) is listed as `reject`.
+    As in autoresearch, a crashed run's val_bpb and memory are written as 0 (its analysis
+    drops `crash` rows by status). An experiment that never gave a metric otherwise (rejected
+    before its run, skipped during it) leaves both empty: a 0 there would read as the best value,
+    while pandas reads an empty field as NaN, which the analysis' comparisons leave out.
     """
     rows = []
-    for n in sorted(state.experiments):
-        exp = state.experiments[n]
-        if not exp.terminal or (exp.kind == "baseline" and exp.state != "kept"):
-            continue  # in flight, or a failed baseline attempt (not an experiment)
-        ok = exp.state in ("kept", "discarded") and exp.metric is not None and math.isfinite(exp.metric)
+    for exp in finished(state):
+        how = outcome(exp)
         commit = (exp.commit or "-------")[:7]
-        metric = f"{exp.metric:.6f}" if ok else "0.000000"
-        memory = f"{exp.memory_gb:.1f}" if ok and exp.memory_gb is not None else "0.0"
+        if how in ("kept", "discarded"):
+            metric = f"{exp.metric:.6f}"
+            memory = f"{exp.memory_gb:.1f}" if exp.memory_gb is not None else ""
+        elif how == "crashed":
+            metric, memory = "0.000000", "0.0"
+        else:
+            metric, memory = "", ""
         description = "baseline" if exp.kind == "baseline" else (
             " ".join((exp.description or exp.reason or "").split()) or "-")
-        rows.append((commit, metric, memory, _STATUS_WORD[exp.state], description))
+        if how == "skipped":
+            description += f" ({exp.reason or 'skipped'}; no result)"
+        rows.append((commit, metric, memory, _STATUS_WORD[how], description))
     return rows
 
 
@@ -108,13 +134,45 @@ def results_tsv(state: State) -> str:
     return "\n".join(lines) + "\n"
 
 
+def fmt_spend(usd: float, unknown: bool, usage: dict[str, int]) -> str:
+    """`$0.0123 (tokens in 1200, out 340, cache read 0, cache write 800)`."""
+    u = usage
+    return (f"{fmt_cost(usd, unknown)} (tokens in {u.get('input_tokens', 0)}, out {u.get('output_tokens', 0)}, "
+            f"cache read {u.get('cache_read_input_tokens', 0)}, "
+            f"cache write {u.get('cache_creation_input_tokens', 0)})")
+
+
 def totals_line(state: State) -> str:
-    counts, u = state.counts(), state.usage
+    counts = state.counts()
     return (f"{sum(counts.values())} experiments: {counts['kept']} kept, {counts['discarded']} discarded, "
             f"{counts['crashed']} crashed, {counts['rejected']} rejected · best {fmt_metric(state.best_metric)}"
-            f" · cost {fmt_cost(state.cost_usd, state.cost_unknown)} (tokens in {u.get('input_tokens', 0)}, out "
-            f"{u.get('output_tokens', 0)}, cache read {u.get('cache_read_input_tokens', 0)}, cache write "
-            f"{u.get('cache_creation_input_tokens', 0)})")
+            f" · cost {fmt_spend(state.cost_usd, state.cost_unknown, state.usage)}")
+
+
+def experiment_text(exp: Experiment, diff: str | None = None, tail_chars: int = 3000) -> str:
+    """`autoresearch show`: what an experiment tried, who proposed it, how it ended and why."""
+    how = outcome(exp) if exp.terminal else exp.state
+    lines = [f"experiment {exp.n} ({exp.kind}): {how}" + (" (discarded before a result)" if how == "skipped" else ""),
+             f"description: {' '.join(exp.description.split()) or '-'}",
+             f"proposer:    {exp.proposer or '-'}"]
+    if exp.meta.get("fallback_from"):  # the configured agent produced nothing usable
+        lines.append(f"agent:       the {exp.meta['fallback_from']} agent failed: "
+                     f"{exp.meta.get('fallback_reason') or '-'}; the {exp.proposer or 'offline'} search "
+                     "proposed this instead")
+    lines.append(f"commit:      {exp.commit or '-'} (parent {exp.parent or '-'})")
+    metric = fmt_metric(exp.metric)
+    if len(exp.metrics) > 1:
+        metric += f"  (runs: {', '.join(fmt_metric(m) for m in exp.metrics)})"
+    lines += [f"metric:      {metric}", f"lines:       +{exp.added} -{exp.removed}"]
+    if exp.reason:
+        lines.append(f"reason:      {exp.reason}")
+    if exp.cost_usd or exp.cost_unknown or any(exp.usage.values()):
+        lines.append(f"cost:        {fmt_spend(exp.cost_usd, exp.cost_unknown, exp.usage)}")
+    if diff is not None:
+        lines += ["", "--- diff ---", diff.rstrip()]
+    if exp.log_tail:
+        lines += ["", "--- log tail ---", exp.log_tail.rstrip()[-tail_chars:]]
+    return "\n".join(lines)
 
 
 def status_text(state: State, workspace: str, daemon_pid: int | None) -> str:

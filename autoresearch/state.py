@@ -27,6 +27,7 @@ class Experiment:
     proposer: str = ""
     description: str = ""
     files: dict[str, str] | None = None  # the recorded proposal (editable files' content)
+    meta: dict[str, Any] = field(default_factory=dict)  # the proposer's notes, e.g. fallback_from/_reason
     commit: str | None = None
     parent: str | None = None
     hashes: dict[str, str] = field(default_factory=dict)  # editable path -> sha256 at commit
@@ -160,6 +161,7 @@ def apply(state: State, event) -> State:
         exp.description = p.get("description", "")
         exp.files = p.get("files")
         exp.proposer = p.get("proposer", exp.proposer)
+        exp.meta = p.get("meta") or {}
     elif t in ("commit", "adopt"):
         exp.commit, exp.parent = p["commit"], p.get("parent")
         exp.hashes = p.get("hashes", {})
@@ -179,6 +181,8 @@ def apply(state: State, event) -> State:
     elif t == "interrupt":
         exp.interrupts += 1
         exp.reason = p.get("reason", "")
+    if t == "reject" and p.get("description"):  # rejected before `proposed`: its own description
+        exp.description = p["description"]
     if exp.terminal:
         exp.ended = event.time
         exp.reason = p.get("reason", exp.reason)

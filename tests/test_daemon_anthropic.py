@@ -51,7 +51,13 @@ def test_three_experiments_with_claude(tmp_path):
     status = cli("status", str(root))
     results = cli("results", str(root))
     assert "$" in status.stdout and "cost $" in results.stderr
-    assert _leaks(root, out.stdout, out.stderr, status.stdout, results.stdout, results.stderr) == []
+    show = cli("show", str(root), "1")
+    cost = next(line for line in show.stdout.splitlines() if line.startswith("cost:"))
+    u = exps[0].usage
+    assert cost == (f"cost:        ${exps[0].cost_usd:.4f} (tokens in {u['input_tokens']}, out {u['output_tokens']}, "
+                    f"cache read {u.get('cache_read_input_tokens', 0)}, "
+                    f"cache write {u.get('cache_creation_input_tokens', 0)})"), cost  # no raw dict
+    assert _leaks(root, out.stdout, out.stderr, status.stdout, results.stdout, results.stderr, show.stdout) == []
 
 
 def test_an_outage_blocks_without_burning_experiments(tmp_path):

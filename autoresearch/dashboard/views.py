@@ -13,7 +13,8 @@ from datetime import datetime
 from typing import Any, Iterable
 
 from .. import sanitize
-from ..plot import charted, progress
+from ..plot import progress
+from ..report import listed
 from ..state import Experiment, State
 
 LOSS_RE = re.compile(r"\bloss[\s:=]+([-+]?[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)")
@@ -69,7 +70,7 @@ def experiment_rows(state: State, direction: str = "minimize") -> list[dict[str,
             delta = metric - parent.metric
         description = "baseline" if e.kind == "baseline" else (e.description or "")
         rows.append({
-            "n": n, "kind": e.kind, "state": e.state, "terminal": e.terminal, "charted": charted(e),
+            "n": n, "kind": e.kind, "state": e.state, "terminal": e.terminal, "charted": listed(e),
             "metric": metric, "best": best.get(n), "delta": delta,
             "parent_n": parent.n if parent is not None else None,
             "description": description, "reason": e.reason, "duration_s": _duration(e),
