@@ -883,8 +883,8 @@ class Daemon:
                         retry_after=600.0)
             return False
         if lifecycle != "active":
-            log.warning(f"model {model} is {lifecycle}", retires_at=info.get("retires_at"),
-                        error=info.get("error"))
+            log.warning(f"model {model} is {lifecycle}",
+                        **{k: info[k] for k in ("retires_at", "error") if info.get(k)})
         self._model_checked = model
         return True
 

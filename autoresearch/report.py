@@ -204,7 +204,8 @@ def status_text(state: State, workspace: str, daemon_pid: int | None) -> str:
 def history_line(event) -> str:
     p = event.payload
     detail = []
-    for key in ("description", "commit", "metric", "reason", "kind", "exit_code", "request", "outcome"):
+    for key in ("description", "commit", "metric", "reason", "kind", "lifecycle", "exit_code", "request",
+                "outcome"):
         if key in p and p[key] not in (None, "", {}):
             value = p[key]
             if key == "commit":
