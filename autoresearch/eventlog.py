@@ -9,6 +9,7 @@ first bad event. State is never stored: it is `fold(events)` (see state.py).
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import os
@@ -18,8 +19,9 @@ import sqlite3
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, NamedTuple
 
+import msgspec
 import sqlite_utils
 
 from .errors import CorruptLogError, WorkspaceError
@@ -32,8 +34,10 @@ COLUMNS = ("seq", "time", "aggregate", "trigger", "source", "dest", "payload", "
 INSERT_SQL = f"INSERT INTO events ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
 
 
-@dataclass(frozen=True)
-class Event:
+class Event(NamedTuple):
+    """One event as read back. A named tuple: replay makes one per event, and a tuple is
+    built several times faster than a frozen dataclass."""
+
     seq: int
     time: str  # UTC, ISO 8601 with microseconds
     aggregate: str  # "daemon" or "experiment:N"
@@ -45,9 +49,8 @@ class Event:
 
     @property
     def experiment(self) -> int | None:
-        if self.aggregate.startswith("experiment:"):
-            return int(self.aggregate.split(":", 1)[1])
-        return None
+        aggregate = self.aggregate
+        return int(aggregate[11:]) if aggregate.startswith("experiment:") else None
 
 
 @dataclass(frozen=True)
@@ -72,6 +75,19 @@ def event_hash(seq: int, time: str, aggregate: str, trigger: str, source: str, d
     material = json.dumps([seq, time, aggregate, trigger, source, dest, payload_text, prev_hash],
                           separators=(",", ":"))
     return hashlib.sha256(material.encode()).hexdigest()
+
+
+_decode = msgspec.json.Decoder().decode
+
+
+def decode_payload(text: str) -> dict[str, Any]:
+    """`json.loads` of a stored payload, about twice as fast (msgspec: same values, big
+    integers and floats exact). The one thing json.dumps writes that msgspec refuses, a lone
+    surrogate escape (e.g. from undecodable run output), goes to json itself."""
+    try:
+        return _decode(text)
+    except msgspec.DecodeError:
+        return json.loads(text)
 
 
 def utc_now() -> str:
@@ -194,12 +210,19 @@ class EventLog:
         cursor = self.db.execute(
             "SELECT seq, time, aggregate, trigger, source, dest, payload, hash FROM events "
             "WHERE seq > ? ORDER BY seq", [since])
-        loads = json.loads
         for seq, time, aggregate, trigger, source, dest, payload, digest in cursor:
-            yield Event(seq, time, aggregate, trigger, source, dest, loads(payload), digest)
+            yield Event(seq, time, aggregate, trigger, source, dest, decode_payload(payload), digest)
 
     def state(self) -> State:
-        return fold(self.events())
+        # Replay builds a large heap without cycles in one go: the cyclic garbage collector
+        # would walk it again and again for nothing (a third of the time at 100,000 events).
+        enabled = gc.isenabled()
+        gc.disable()
+        try:
+            return fold(self.events())
+        finally:
+            if enabled:
+                gc.enable()
 
     # -- checking ------------------------------------------------------------------
 

@@ -111,11 +111,14 @@ def apply(state: State, event) -> State:
     p = event.payload
     state.seq, state.hash, state.last_time = event.seq, event.hash, event.time
     state.first_time = state.first_time or event.time
-    _add_usage(state.usage, p.get("usage", {}))
-    unpriced = "cost_usd" in p and p["cost_usd"] is None
-    cost = float(p.get("cost_usd") or 0.0)
-    state.cost_usd += cost
-    state.cost_unknown = state.cost_unknown or unpriced
+    usage, cost = p.get("usage"), p.get("cost_usd")  # most events carry neither
+    unpriced = cost is None and "cost_usd" in p
+    if usage:
+        _add_usage(state.usage, usage)
+    if cost:
+        state.cost_usd += float(cost)
+    if unpriced:
+        state.cost_unknown = True
 
     if event.aggregate == "daemon":
         state.daemon = event.dest
@@ -150,9 +153,12 @@ def apply(state: State, event) -> State:
     if exp is None:
         exp = state.experiments[n] = Experiment(n=n, started=event.time)
     exp.state = event.dest
-    _add_usage(exp.usage, p.get("usage", {}))
-    exp.cost_usd += cost
-    exp.cost_unknown = exp.cost_unknown or unpriced
+    if usage:
+        _add_usage(exp.usage, usage)
+    if cost:
+        exp.cost_usd += float(cost)
+    if unpriced:
+        exp.cost_unknown = True
     t = event.trigger
     if t == "start":
         exp.kind = p.get("kind", "experiment")
