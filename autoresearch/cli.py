@@ -102,24 +102,6 @@ def cmd_init(args) -> int:
     return 0
 
 
-class _PrettyTerminal:
-    """Renders the daemon's JSON log lines as `autoresearch tail` does, for a person at a terminal
-    (the log file and the journal still get JSON)."""
-
-    def __init__(self, stream):
-        self._stream = stream
-
-    def write(self, text: str) -> int:
-        from .tail import render
-
-        for line in text.splitlines(keepends=True):
-            self._stream.write(render(line, as_json=False, color=True) + ("\n" if line.endswith("\n") else ""))
-        return len(text)
-
-    def flush(self) -> None:
-        self._stream.flush()
-
-
 def _run_overrides(args, root: Path) -> dict:
     """`run`'s creation options on an existing workspace: never silently ignored.
 
@@ -164,8 +146,8 @@ def cmd_run(args) -> int:
     root = _workspace_dir(args.dir)
     overrides = {} if created else _run_overrides(args, root)
     secrets.install_log_guard()
-    stream = _PrettyTerminal(sys.stdout) if sys.stdout.isatty() else sys.stdout
-    logs.configure(root / ".autoresearch", stream=stream, journal=args.journal,
+    fmt = args.log_format if args.log_format != "auto" else ("human" if sys.stdout.isatty() else "json")
+    logs.configure(root / ".autoresearch", stream=sys.stdout, journal=args.journal, fmt=fmt,
                    level=args.log_level, redact=secrets.redact)
     daemon = Daemon(root, max_experiments=args.max_experiments, run_for=args.run_for, overrides=overrides)
     try:
@@ -442,6 +424,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--journal", choices=["auto", "on", "off"], default="auto",
                     help="log to journald (auto: when running under systemd)")
     sp.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    sp.add_argument("--log-format", default="auto", choices=["auto", "human", "json"],
+                    help="how the log is printed: human lines (as `autoresearch tail` shows them) or JSON "
+                         "lines (as in daemon.log); auto (default): human on a terminal, JSON otherwise")
 
     sp = add("status", cmd_status, "what the daemon is doing, best so far, totals", "autoresearch status lab")
     sp.add_argument("dir", nargs="?", default=".")

@@ -7,8 +7,8 @@ trigger="run_started")`` lands on every line. Destinations:
 
 - ``<state_dir>/daemon.log``: JSON lines, rotated (read by ``autoresearch tail``);
 - journald via its native protocol when running under systemd (fields queryable:
-  ``journalctl -u autoresearch@lab EXPERIMENT=42 STATE=blocked``), otherwise JSON
-  lines on ``stream``.
+  ``journalctl -u autoresearch@lab EXPERIMENT=42 STATE=blocked``), otherwise
+  ``stream``: JSON lines, or (``fmt="human"``) the lines ``autoresearch tail`` prints.
 
 ``redact`` (str -> str) is applied to every rendered line before it leaves the
 process, whatever the destination.
@@ -194,6 +194,28 @@ def journal_socket_path() -> str:
 
 _installed: list[logging.Handler] = []
 
+LogFormat = Literal["json", "human"]
+
+
+class HumanStream:
+    """A stream that prints each JSON log line as `autoresearch tail` shows it (one rendering of
+    an event for a person), coloured only on a terminal without NO_COLOR."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        self._stream = stream
+        self._color = hasattr(stream, "isatty") and stream.isatty() and "NO_COLOR" not in os.environ
+
+    def write(self, text: str) -> int:
+        from .tail import render  # tail reads our LOG_NAME: import here, not at the top
+
+        for line in text.splitlines(keepends=True):
+            self._stream.write(render(line, as_json=False, color=self._color)
+                               + ("\n" if line.endswith("\n") else ""))
+        return len(text)
+
+    def flush(self) -> None:
+        self._stream.flush()
+
 
 def configure(
     state_dir: Path | None,
@@ -202,6 +224,7 @@ def configure(
     journal: Literal["auto", "on", "off"] = "auto",
     level: str = "info",
     redact: Redactor | None = None,
+    fmt: LogFormat = "json",
     journal_socket: str | None = None,
     max_bytes: int = 10_000_000,
     backups: int = 5,
@@ -210,7 +233,8 @@ def configure(
 
     ``state_dir``: where daemon.log goes (None: no file, e.g. for short CLI
     commands: only the daemon should write and rotate daemon.log).
-    ``stream``: JSON lines when not using the journal (default: stdout).
+    ``stream``: where lines go when not using the journal (default: stdout), as JSON or,
+    with ``fmt="human"``, as `autoresearch tail` prints them (the file and the journal get JSON).
     ``journal``: "auto" = the native protocol when running under systemd
     (INVOCATION_ID/JOURNAL_STREAM set) and the socket exists; "on"; "off".
     ``redact``: applied to every rendered line, whatever the destination.
@@ -220,7 +244,11 @@ def configure(
         raise ConfigError(f"unknown log level {level!r} (use one of: {', '.join(_LEVELS)})")
     if journal not in ("auto", "on", "off"):
         raise ConfigError(f"journal must be auto, on or off, not {journal!r}")
+    if fmt not in ("json", "human"):
+        raise ConfigError(f"log format must be json or human, not {fmt!r}")
     stream = sys.stdout if stream is None else stream
+    if fmt == "human":
+        stream = HumanStream(stream)
     formatter = JsonFormatter(redact or _identity)
 
     handlers: list[logging.Handler] = []

@@ -1,13 +1,18 @@
 """The command line as a user meets it: real processes, one-line errors, real outputs."""
 
 import json
+import os
+import pty
+import re
 import sqlite3
+import subprocess
+import sys
 
 import pytest
 
 from autoresearch.eventlog import GENESIS_HASH, event_hash
 
-from daemon_fixtures import cli, make_workspace, state
+from daemon_fixtures import REPO, cli, make_workspace, state
 
 
 @pytest.fixture(scope="module")
@@ -148,3 +153,43 @@ def test_help_has_an_example_for_every_command():
                     "pause", "resume", "stop", "skip", "tail", "service"):
         assert command in top
         assert "example:\n  autoresearch " + command in cli(command, "--help").stdout
+
+
+def _run_on_a_terminal(root, *extra):
+    """`autoresearch run` with its stdout on a pseudo-terminal, as a person starts it."""
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "autoresearch.cli", "run", str(root), "--max-experiments", "1",
+                             *extra], stdout=follower, stderr=subprocess.PIPE,
+                            env={k: v for k, v in {**os.environ, "PYTHONPATH": str(REPO)}.items() if k != "NO_COLOR"})
+    os.close(follower)
+    chunks = []
+    while True:
+        try:
+            data = os.read(leader, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    os.close(leader)
+    assert proc.wait(timeout=120) == 0, proc.stderr.read()
+    return b"".join(chunks).decode()
+
+
+def test_log_format(tmp_path):
+    """auto: JSON into a pipe or file (for jq), human lines on a terminal; --log-format forces either."""
+    piped = cli("run", str(make_workspace(tmp_path / "a")), "--max-experiments", "1")
+    lines = piped.stdout.splitlines()
+    assert piped.returncode == 0 and lines and all(json.loads(line)["event"] for line in lines)
+    human = cli("run", str(make_workspace(tmp_path / "b")), "--max-experiments", "1", "--log-format", "human")
+    lines = human.stdout.splitlines()
+    assert human.returncode == 0 and lines and not any(line.startswith("{") for line in lines)
+    assert any(re.match(r"^\d\d:\d\d:\d\d INFO  #0 kept experiment:0 keep: judging -> kept ", line) for line in lines)
+    assert "\x1b" not in human.stdout  # no colours into a file
+    terminal = _run_on_a_terminal(make_workspace(tmp_path / "c"))
+    assert "\x1b[32mINFO " in terminal and '{"timestamp"' not in terminal
+    forced = _run_on_a_terminal(make_workspace(tmp_path / "d"), "--log-format", "json")
+    assert all(json.loads(line)["event"] for line in forced.splitlines() if line.strip())
+    # Whatever is printed, daemon.log holds JSON.
+    log = (tmp_path / "b" / ".autoresearch" / "daemon.log").read_text().splitlines()
+    assert log and all(json.loads(line) for line in log)
