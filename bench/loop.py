@@ -69,6 +69,17 @@ def ts(text: str) -> float:
     return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
 
 
+def run_daemon(root: Path, experiments: int) -> tuple[list, float]:
+    """Run the real daemon in-process for `experiments` experiments; (its events, wall seconds)."""
+    t0 = time.perf_counter()
+    Daemon(root, max_experiments=experiments).run()
+    wall = time.perf_counter() - t0
+    log = EventLog.open(root / ".autoresearch" / "events.sqlite", create=False)
+    events = list(log.events())
+    log.close()
+    return events, wall
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--experiments", type=int, default=40)
@@ -79,13 +90,22 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = make_workspace(Path(tmp) / "ws")
         by_hand = git_bookkeeping(root, 10)  # before and after the daemon: load drifts
-        t0 = time.perf_counter()
-        Daemon(root, max_experiments=args.experiments).run()
-        wall = time.perf_counter() - t0
+        events, wall = run_daemon(root, args.experiments)
         by_hand += git_bookkeeping(root, 10)
-        log = EventLog.open(root / ".autoresearch" / "events.sqlite", create=False)
-        events = list(log.events())
-        log.close()
+    overhead, runs, phases = measure(events)
+    print(f"{len(overhead)} experiments, {wall:.1f} s wall in all; the run itself: median {statistics.median(runs):.0f} ms")
+    med, ref = statistics.median(overhead), statistics.median(by_hand)
+    ratio = med / ref
+    print(f"loop overhead per experiment (excluding the run): median {med:.0f} ms, "
+          f"p90 {sorted(overhead)[int(len(overhead) * 0.9)]:.0f} ms")
+    print(f"the original loop's bookkeeping by hand (commit, results.tsv, reset --hard; git CLI): "
+          f"median {ref:.0f} ms -> ours = {ratio:.1f} x (target <= {TARGET:.0f}: "
+          f"{'meets' if ratio <= TARGET else 'MISSES'})")
+    print("  phases (median ms): " + ", ".join(f"{k} {statistics.median(v):.1f}" for k, v in phases.items()))
+
+
+def measure(events: list) -> tuple[list[float], list[float], dict[str, list[float]]]:
+    """Per experiment: the loop's overhead (ms, the run excluded), the run's own duration (ms), phases."""
     by_n: dict[int, dict] = {}
     for e in events:
         if e.experiment is not None:
@@ -106,15 +126,7 @@ def main() -> None:
         end = s.get("keep") or s.get("discard") or s.get("crash")
         phases["judge+rollback"].append((by_n[b]["start"] - end) * 1000)
     runs = [by_n[n]["run"] * 1000 for n in starts if "run" in by_n[n]]
-    print(f"{len(overhead)} experiments, {wall:.1f} s wall in all; the run itself: median {statistics.median(runs):.0f} ms")
-    med, ref = statistics.median(overhead), statistics.median(by_hand)
-    ratio = med / ref
-    print(f"loop overhead per experiment (excluding the run): median {med:.0f} ms, "
-          f"p90 {sorted(overhead)[int(len(overhead) * 0.9)]:.0f} ms")
-    print(f"the original loop's bookkeeping by hand (commit, results.tsv, reset --hard; git CLI): "
-          f"median {ref:.0f} ms -> ours = {ratio:.1f} x (target <= {TARGET:.0f}: "
-          f"{'meets' if ratio <= TARGET else 'MISSES'})")
-    print("  phases (median ms): " + ", ".join(f"{k} {statistics.median(v):.1f}" for k, v in phases.items()))
+    return overhead, runs, phases
 
 
 if __name__ == "__main__":

@@ -34,10 +34,11 @@ class Dashboard:
             found.set()
 
         threading.Thread(target=read, daemon=True).start()
-        if not found.wait(timeout) or self.proc.poll() is not None:
+        found.wait(timeout)
+        m = next((URL_RE.search(line) for line in self.lines if URL_RE.search(line)), None)
+        if m is None or self.proc.poll() is not None:
             self.stop()
             raise AssertionError("dashboard did not start:\n" + "".join(self.lines))
-        m = next(URL_RE.search(line) for line in self.lines if URL_RE.search(line))
         self.url, self.port = m.group(1), int(m.group(2))
 
     @property

@@ -230,3 +230,52 @@ def test_timeline_marks_a_restart_after_a_crash():
                                   ev(3, "boot", "starting"), ev(4, "stop", "stopped"), ev(5, "boot", "starting")])
     assert [(i["trigger"], i.get("crashed_before")) for i in items] == [
         ("boot", False), ("prepare", None), ("boot", True), ("stop", None), ("boot", False)]
+
+
+def test_a_replaced_log_starts_the_pages_over(lab, tmp_path):
+    """`autoresearch repair` swaps the log file for a shorter one: the fold starts over, pages are told."""
+    import shutil
+    import threading
+
+    root = tmp_path / "copy"
+    shutil.copytree(lab, root)
+    d = Dashboard(root)
+    try:
+        before = d.json("/api/summary")["header"]["seq"]
+        short = tmp_path / "short.sqlite"
+        log = EventLog.open(short)
+        for e in list(EventLog.open(root / ".autoresearch" / "events.sqlite", create=False).events())[:5]:
+            log.append(e.aggregate, e.trigger, e.source, e.dest, e.payload)
+        log.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        log.close()
+
+        def swap():
+            time.sleep(0.5)
+            for suffix in ("-wal", "-shm"):
+                (root / ".autoresearch" / f"events.sqlite{suffix}").unlink(missing_ok=True)
+            os.replace(short, root / ".autoresearch" / "events.sqlite")
+
+        threading.Thread(target=swap).start()
+        sse_messages(d.port, until=lambda ms: any(m["event"] == "reset" for m in ms))
+        after = d.json("/api/summary")
+        assert before > 5 and after["header"]["seq"] == 5
+        assert [r["n"] for r in after["rows"]] == [0]
+    finally:
+        d.stop()
+
+
+def test_header_slot_clock_and_gain():
+    from autoresearch.state import Experiment, State
+
+    st = State(daemon="running", baseline_n=0, best_metric=0.9, best_n=1)
+    st.experiments = {0: Experiment(0, state="kept", kind="baseline", metric=1.0),
+                      1: Experiment(1, state="kept", metric=0.9),
+                      2: Experiment(2, state="training", description="try")}
+    h = views.header(st, now=1000.0, daemon_pid=7, boot_time="1970-01-01T00:00:00Z", budget_s=300,
+                     slots=[{"n": 2, "launched": "1970-01-01T00:15:00Z", "loss": 3.25}])
+    assert h["uptime_s"] == 1000.0 and h["gain"] == pytest.approx(0.1) and h["gain_pct"] == pytest.approx(10.0)
+    assert h["slots"] == [{"n": 2, "kind": "experiment", "state": "training", "description": "try",
+                           "elapsed_s": 100.0, "budget_s": 300, "loss": 3.25, "started": ""}]
+    assert h["keep_rate"] == 1.0 and h["finished"] == 1
+    down = views.header(st, now=1000.0, daemon_pid=None, boot_time="1970-01-01T00:00:00Z", budget_s=300, slots=[])
+    assert down["alive"] is False and down["uptime_s"] is None

@@ -122,10 +122,12 @@ class Hub:
         if exp.state == "training" and launched:  # in flight: what it is printing now
             path = run_log_path(self.root, n, launched[1])
             log_text, source = read_tail(path), f"live: {path.relative_to(self.root)}"
-        else:
-            log_text, source = exp.log_tail, "recorded when the run finished" if exp.log_tail else ""
-        row = next((r for r in self.rows() if r["n"] == n), None)
         events = self.reader.events(aggregate=f"experiment:{n}")
+        if not (exp.state == "training" and launched):
+            finished = [e for e in events if e.trigger == "finish"]  # the fold keeps no tails: memory
+            log_text = finished[-1].payload.get("log_tail", "") if finished else ""
+            source = "recorded when the run finished" if log_text else ""
+        row = next((r for r in self.rows() if r["n"] == n), None)
         return views.experiment_detail(exp, events, diff=diff, log_text=log_text, log_source=source, row=row)
 
     # -- following the log
@@ -133,17 +135,18 @@ class Hub:
     def refresh(self) -> list[dict[str, Any]]:
         """Read what is new; returns the messages to push (none when nothing changed)."""
         events, reset = self.reader.poll()
-        if reset:
+        if reset:  # the log was replaced (repair): the fold started over, and so do the pages
             self.daemon_events, self.recent, self._rows, self._loss = [], [], {}, {}
-            return [{"type": "reset"}]
         if not events:
-            return []
+            return [{"type": "reset"}] if reset else []
         self.daemon_events += [e for e in events if e.aggregate == "daemon"]
         self.recent = (self.recent + events)[-RECENT_EVENTS:]
         rows = self.rows()
         changed = [r for r in rows if self._rows.get(r["n"]) != r]
         self._rows = {r["n"]: r for r in rows}
         self._pid = (0.0, None)  # a boot or a stop: look again now
+        if reset:
+            return [{"type": "reset"}]
         timeline = views.timeline_items(self.daemon_events)
         first = events[0].seq
         return [{"type": "update", "seq": self.reader.state.seq, "header": self.header(), "rows": changed,
@@ -210,7 +213,8 @@ def _sse(message: dict[str, Any]) -> str:
 
 def build_app(root: Path, *, token_digest: str | None = None, allowed_hosts: set[str] | None = None) -> Starlette:
     hub = Hub(root)
-    hub.refresh()  # the whole log, folded once, before the first page asks
+    while hub.refresh():  # the whole log, folded once, before the first page asks
+        pass
 
     async def index(request: Request) -> Response:
         return FileResponse(STATIC / "index.html", headers={"cache-control": "no-store"})

@@ -32,6 +32,12 @@ _SELECT = ("SELECT seq, time, aggregate, trigger, source, dest, payload, hash FR
            "WHERE seq > ? ORDER BY seq LIMIT ?")
 
 
+def _event(row) -> Event:
+    seq, time, aggregate, trigger, source, dest, payload, digest = row
+    return Event(seq=seq, time=time, aggregate=aggregate, trigger=trigger, source=source, dest=dest,
+                 payload=json.loads(payload), hash=digest)
+
+
 class LogReader:
     """Follows the event log read-only and keeps its fold up to date.
 
@@ -74,7 +80,7 @@ class LogReader:
             return True
         return False
 
-    def poll(self, limit: int = 5000) -> tuple[list[Event], bool]:
+    def poll(self, limit: int = 500) -> tuple[list[Event], bool]:
         """(new events, whether the fold was reset first). At most `limit` events per call."""
         reset = False
         if self.conn is not None and self._replaced():
@@ -88,16 +94,18 @@ class LogReader:
             self.close()
             return [], reset
         events = []
-        for seq, time, aggregate, trigger, source, dest, payload, digest in rows:
-            event = Event(seq, time, aggregate, trigger, source, dest, json.loads(payload), digest)
+        for row in rows:
+            event = _event(row)
             apply(self.state, event)
             n = event.experiment
             if n is not None:
-                self.state.experiments[n].files = None  # the page shows git's diff: keep memory flat
-                if trigger in ("launch", "rerun"):
-                    self.launched[n] = (time, int(event.payload.get("attempt") or 1))
-            elif trigger == "boot":
-                self.boot_time = time
+                # Kept flat: the page shows git's diff, and reads a log tail from the log when asked.
+                exp = self.state.experiments[n]
+                exp.files, exp.log_tail = None, ""
+                if event.trigger in ("launch", "rerun"):
+                    self.launched[n] = (event.time, int(event.payload.get("attempt") or 1))
+            elif event.trigger == "boot":
+                self.boot_time = event.time
             events.append(event)
         return events, reset
 
@@ -114,7 +122,7 @@ class LogReader:
             rows = self.conn.execute(sql + " ORDER BY seq", args).fetchall()
         except sqlite3.Error:
             return []
-        return [Event(s, t, a, tr, so, d, json.loads(p), h) for s, t, a, tr, so, d, p, h in rows]
+        return [_event(row) for row in rows]
 
 
 def daemon_pid(state_dir: Path) -> int | None:
