@@ -14,7 +14,7 @@ from typing import Any, Iterable
 
 from .. import sanitize
 from ..plot import progress
-from ..report import listed
+from ..report import listed, outcome
 from ..state import Experiment, State
 
 LOSS_RE = re.compile(r"\bloss[\s:=]+([-+]?[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)")
@@ -71,6 +71,7 @@ def experiment_rows(state: State, direction: str = "minimize") -> list[dict[str,
         description = "baseline" if e.kind == "baseline" else (e.description or "")
         rows.append({
             "n": n, "kind": e.kind, "state": e.state, "terminal": e.terminal, "charted": listed(e),
+            "outcome": outcome(e) if e.terminal else "in flight",  # as results, plot and show name it
             "metric": metric, "best": best.get(n), "delta": delta,
             "parent_n": parent.n if parent is not None else None,
             "description": description, "reason": e.reason, "duration_s": _duration(e),

@@ -5,7 +5,7 @@
 "use strict";
 
 const SVGNS = "http://www.w3.org/2000/svg";
-const OUTCOMES = ["kept", "discarded", "crashed", "rejected"];
+const OUTCOMES = ["kept", "discarded", "skipped", "crashed", "rejected"];  // report.outcome's names
 const S = {
   workspace: "", header: null, rows: new Map(), timeline: [], events: [], seq: -1,
   filter: "all", sort: { key: "n", dir: -1 }, zoom: null, detail: null, loading: false, pending: [],
@@ -53,7 +53,7 @@ function fmtTime(iso) {
   return d.toLocaleTimeString([], { hour12: false });
 }
 function fmtDateTime(iso) { return iso ? new Date(iso).toLocaleString([], { hour12: false }) : "-"; }
-const outcomeOf = (r) => (r.terminal ? r.state : "in flight");
+const outcomeOf = (r) => r.outcome;
 
 function eventSummary(e) {
   const p = e.payload || {}, out = [];
@@ -295,13 +295,13 @@ function renderChart() {
     let node, y;
     if (r.metric === null) {
       y = failY;
-      node = svg("path", { d: `M${x - 4} ${y - 4} L${x + 4} ${y + 4} M${x - 4} ${y + 4} L${x + 4} ${y - 4}`, class: "pt failed" });
+      node = svg("path", { d: `M${x - 4} ${y - 4} L${x + 4} ${y + 4} M${x - 4} ${y + 4} L${x + 4} ${y - 4}`, class: "pt failed " + r.outcome });
     } else {
       y = Y(r.metric);
       node = svg("circle", { cx: x.toFixed(1), cy: y.toFixed(1), r: r.state === "kept" ? 4.5 : 3, class: "pt " + r.state });
     }
     node.setAttribute("data-n", r.n);
-    node.setAttribute("data-state", r.state);
+    node.setAttribute("data-state", r.outcome);
     plot.append(node);
     if (r.n >= x0 && r.n <= x1) marks.push({ r, x, y, node });
   }
@@ -344,7 +344,7 @@ function wireChart(root, c) {
     if (!best) { tip.hidden = true; return; }
     best.node.classList.add("hover");
     const r = best.r;
-    tip.textContent = `#${r.n} ${r.state}  ${fmtMetric(r.metric)}` + (r.delta !== null ? `  (${fmtDelta(r.delta)} vs parent)` : "") +
+    tip.textContent = `#${r.n} ${r.outcome}  ${fmtMetric(r.metric)}` + (r.delta !== null ? `  (${fmtDelta(r.delta)} vs parent)` : "") +
       `\n${r.description || r.reason || ""}`;
     tip.hidden = false;
     const card = root.parentElement.parentElement.getBoundingClientRect(), b = root.getBoundingClientRect();
@@ -475,7 +475,7 @@ function renderTable() {
   body.replaceChildren(...rows.map((r) => {
     const tr = el("tr", { "data-n": String(r.n), "data-state": outcomeOf(r) },
       el("td", { class: "num", text: String(r.n) }),
-      el("td", {}, el("span", { class: "badge " + (r.terminal ? r.state : r.state), text: r.terminal ? r.state : r.state })),
+      el("td", {}, el("span", { class: "badge " + (r.terminal ? r.outcome : r.state), text: r.terminal ? r.outcome : r.state })),
       el("td", { class: "num", text: fmtMetric(r.metric) }),
       el("td", { class: "num " + (r.delta === null ? "" : r.delta > 0 ? "pos" : "neg"), text: fmtDelta(r.delta) }),
       el("td", { class: "desc", text: r.description || r.reason || "", title: r.reason || "" }),
