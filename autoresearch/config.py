@@ -131,6 +131,7 @@ class SandboxConfig:
     memory_mb: int = 0
     max_processes: int = 4096
     max_file_mb: int = 4096
+    read_only: tuple[str, ...] = ()  # more host paths a run may read (a dataset, say)
 
 
 @dataclass(frozen=True)
@@ -251,8 +252,11 @@ def _validate(cfg: Config) -> None:
     if cfg.proposer.kind == "anthropic" and cfg.limits.max_cost_usd and cfg.anthropic.price() is None:
         raise ConfigError(f"{CONFIG_NAME}: limits.max_cost_usd needs a price for anthropic.model "
                           f"{cfg.anthropic.model!r}, which has no built-in one: add [anthropic.prices]")
-    if cfg.sandbox.mode not in ("auto", "off"):
-        raise ConfigError(f"{CONFIG_NAME}: sandbox.mode must be 'auto' or 'off'")
+    if cfg.sandbox.mode not in ("auto", "strict", "off"):
+        raise ConfigError(f"{CONFIG_NAME}: sandbox.mode must be 'auto', 'strict' or 'off'")
+    for path in cfg.sandbox.read_only:
+        if not os.path.isabs(path):
+            raise ConfigError(f"{CONFIG_NAME}: sandbox.read_only path {path!r} must be absolute")
     if cfg.workload.profile not in ("", "cpu", "gpu"):
         raise ConfigError(f"{CONFIG_NAME}: workload.profile must be 'cpu' or 'gpu'")
     from .alerts import KINDS
@@ -358,7 +362,9 @@ COMMENTS = {
     "limits.max_hours": "0 = unlimited",
     "limits.max_cost_usd": "0 = unlimited",
     "limits.max_interrupts": "an experiment interrupted more often than this is crashed",
-    "sandbox.mode": "auto (private network, resource limits) | off",
+    "sandbox.mode": "auto (bubblewrap, else namespace + limits fallback) | strict (bubblewrap or no run) | off",
+    "sandbox.max_processes": "tasks in the run's PID namespace (bubblewrap)",
+    "sandbox.read_only": "host paths a run may read besides its checkout, the Python install and the data cache",
     "sandbox.memory_mb": "0 = 90% of RAM",
     "workload.profile": "cpu | gpu; fixed for the life of the workspace",
     "notify.command": "run with sh -c on the events below, the event as JSON on stdin; '' = none",

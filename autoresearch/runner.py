@@ -41,6 +41,7 @@ still scrubbed and the run still gets its own process group):
 from __future__ import annotations
 
 import codecs
+import json
 import math
 import os
 import re
@@ -57,7 +58,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from . import sanitize
+from . import sandbox, sanitize
 from .secrets import SECRET_NAME
 
 GRACE_S = 3.0  # SIGTERM -> SIGKILL
@@ -128,10 +129,11 @@ def _match_value(m: re.Match | None) -> float | None:
 # ---------------------------------------------------------------------- sandbox
 @dataclass(frozen=True)
 class SandboxSpec:
-    mode: str = "auto"  # "auto" | "off"
+    mode: str = "auto"  # "auto" | "strict" | "off" (sandbox.py)
     memory_mb: int = 0  # 0 -> 90 % of MemTotal
     max_processes: int = 4096
     max_file_mb: int = 4096
+    layout: sandbox.Layout | None = None  # what a bwrap run sees; None: cwd as the checkout
 
 
 _netns_lock = threading.Lock()
@@ -257,14 +259,21 @@ def _user_task_count(uid: int) -> int:
     return count
 
 
-def _plan_sandbox(spec: SandboxSpec) -> tuple[list[str], list[tuple[int, int]], dict]:
-    """(argv prefix, rlimits, record of what is applied) for this run."""
+def _plan_sandbox(spec: SandboxSpec, cwd: Path) -> tuple[sandbox.Plan, list[str], list[tuple[int, int]], dict]:
+    """(plan, argv prefix, rlimits, record of what is applied) for this run."""
     if spec.mode == "off" or not sys.platform.startswith("linux"):
-        return [], [], {"mode": spec.mode, "network": "host", "memory_mb": None,
-                        "max_processes": None, "max_file_mb": None}
-    prefix = list(netns_prefix() or [])
-    if prefix:
-        prefix += [sys.executable, "-I", "-S", "-c", _LOOPBACK_UP]
+        why = "sandbox.mode = off" if spec.mode == "off" else f"no sandbox on {sys.platform}"
+        return sandbox.Plan("off", why), [], [], {
+            "kind": "off", "why": why, "mode": spec.mode, "network": "host", "memory_mb": None,
+            "max_processes": None, "nproc_rlimit": None, "max_file_mb": None}
+    plan = sandbox.plan(spec.mode, spec.layout or sandbox.Layout(checkout=Path(cwd)))
+    if plan.kind == "bwrap":
+        prefix, network = list(plan.prefix), "isolated"  # its own loopback, nothing else
+    else:
+        prefix = list(netns_prefix() or [])
+        if prefix:
+            prefix += [sys.executable, "-I", "-S", "-c", _LOOPBACK_UP]
+        network = "isolated" if prefix else "host"
     limits = [(resource.RLIMIT_FSIZE, spec.max_file_mb * 1024 * 1024)]
     nproc = None
     if os.geteuid() != 0 and spec.max_processes > 0:
@@ -275,13 +284,18 @@ def _plan_sandbox(spec: SandboxSpec) -> tuple[list[str], list[tuple[int, int]], 
         limits.append((resource.RLIMIT_NPROC, nproc))
     memory_mb = spec.memory_mb or int(mem_total_mb() * 0.9)
     record = {
+        "kind": plan.kind,  # bwrap | fallback
+        "why": plan.why,  # why not bwrap ("" under bwrap)
         "mode": spec.mode,
-        "network": "isolated" if prefix else "host",
+        "network": network,
         "memory_mb": memory_mb or None,
-        "max_processes": nproc,  # the absolute RLIMIT_NPROC; None as root (not enforced)
+        # Under bwrap: every task in the run's PID namespace, counted by the watcher (root too).
+        # In the fallback: the absolute RLIMIT_NPROC; None as root (not enforced).
+        "max_processes": (spec.max_processes or None) if plan.kind == "bwrap" else nproc,
+        "nproc_rlimit": nproc,  # RLIMIT_NPROC given to the run (None as root: not enforced)
         "max_file_mb": spec.max_file_mb,
     }
-    return prefix, limits, record
+    return plan, prefix, limits, record
 
 
 def _limits_argv(limits: list[tuple[int, int]]) -> list[str] | None:
@@ -329,6 +343,31 @@ def group_members(pgid: int) -> list[int]:
         if st and st[1] == pgid and st[0] not in ("Z", "X"):
             out.append(pid)
     return out
+
+
+def ns_members(pidns: str) -> list[int]:
+    """Processes (zombies included) in the PID namespace ``pidns`` ("pid:[inode]")."""
+    out = []
+    for pid in _pids():
+        try:
+            if os.readlink(f"/proc/{pid}/ns/pid") == pidns:
+                out.append(pid)
+        except OSError:  # gone, or not ours to inspect
+            continue
+    return out
+
+
+def _task_count(pids: list[int]) -> int:
+    """Tasks (threads included) of ``pids``: what a process limit counts."""
+    count = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                data = f.read()
+            count += int(data[data.rfind(b")") + 2:].split()[17])
+        except (OSError, ValueError, IndexError):
+            continue
+    return count
 
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
@@ -450,6 +489,12 @@ class Run:
         self._reader_done = threading.Event()
         self._wake = threading.Event()  # EOF or kill(): the watcher looks now, not at its next tick
         self._done = threading.Event()
+        self._bwrap = False
+        self._info_fd: int | None = None
+        self._info = b""
+        self._pidns: str | None = None  # "pid:[inode]" of the run's PID namespace (bwrap)
+        self._ns_init: int | None = None  # host pid of that namespace's init
+        self._max_tasks: int | None = None
 
     @classmethod
     def start(
@@ -482,9 +527,11 @@ class Run:
         self.log_max_bytes = int(log_max_bytes)
         self._metric_re = re.compile(metric_regex, re.MULTILINE)
         self._memory_re = re.compile(memory_regex, re.MULTILINE) if memory_regex else None
-        prefix, limits, record = _plan_sandbox(sandbox)
+        plan, prefix, limits, record = _plan_sandbox(sandbox, Path(cwd))
         self.sandbox = record
         self._memory_limit_mb = record["memory_mb"]
+        self._bwrap = plan.kind == "bwrap"
+        self._max_tasks = record["max_processes"] if self._bwrap else None
         base_env = os.environ if env is None else env
         full_env = scrubbed_env(base_env)
         record["env_dropped"] = sorted(set(base_env) - set(full_env))  # names only, never values
@@ -494,7 +541,14 @@ class Run:
             def preexec() -> None:  # only where util-linux prlimit is missing
                 for res, value in limits:
                     resource.setrlimit(res, (value, value))
-        cmd = prefix + (limit_argv or []) + argv
+        if sandbox.mode == "strict" and plan.kind != "bwrap":
+            return self._not_started(argv, f"sandbox.mode = strict and no bubblewrap: {plan.why}", record)
+        info_r = info_w = None
+        if self._bwrap:
+            # bwrap reports the run's PID namespace here: the watcher counts and kills by it.
+            info_r, info_w = os.pipe()
+            prefix = prefix[:-1] + ["--info-fd", str(info_w), "--"]
+        cmd = (limit_argv or []) + prefix + argv
         Path(log_path).parent.mkdir(parents=True, exist_ok=True)
         self._log = open(log_path, "wb")  # truncates: the log is THIS run's output only
         self._t0 = time.monotonic()
@@ -502,24 +556,34 @@ class Run:
             self._proc = subprocess.Popen(
                 cmd, cwd=str(cwd), env=full_env, stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
-                preexec_fn=preexec, close_fds=True,
+                preexec_fn=preexec, close_fds=True, pass_fds=(info_w,) if info_w else (),
             )
         except OSError as exc:
-            # No process exists. Report it as a failed run, like a shell would (127).
-            msg = f"[autoresearch] cannot start {shlex.join(argv)}: {exc.strerror or exc}\n"
-            self._log.write(msg.encode())
             self._log.close()
-            self.pid = self.pgid = 0
-            self.start_time = None
-            self._result = RunResult(127, None, False, None, None, None, 0.0, self.log_path,
-                                     msg, False, record)
-            return self
+            return self._not_started(argv, exc.strerror or str(exc), record)
+        finally:
+            if info_w is not None:
+                os.close(info_w)
+        self._info_fd = info_r
         self.pid = self.pgid = self._proc.pid
         self.start_time = proc_start_ticks(self.pid)  # /proc start ticks: identifies the leader
         self._fd = self._proc.stdout.fileno()
         os.set_blocking(self._fd, False)
         threading.Thread(target=self._read, name=f"run-reader-{self.pid}", daemon=True).start()
         threading.Thread(target=self._watch, name=f"run-watch-{self.pid}", daemon=True).start()
+        return self
+
+    def _not_started(self, argv: list[str], why: str, record: dict) -> "Run":
+        """No process exists: a failed run, like a shell's 127, with the reason in its log."""
+        msg = f"[autoresearch] cannot start {shlex.join(argv)}: {why}\n"
+        Path(self.log_path).parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "wb") as f:
+            f.write(msg.encode())
+        self.pid = self.pgid = 0
+        self.start_time = None
+        self._result = RunResult(127, None, False, None, None, None, 0.0, self.log_path,
+                                 msg, False, record)
+        self._done.set()
         return self
 
     @property
@@ -538,7 +602,7 @@ class Run:
                 return
             self._killed = reason
             self._term_at = time.monotonic()
-        _killpg(self.pgid, signal.SIGTERM)
+        self._signal(signal.SIGTERM)
         self._wake.set()
 
     def wait(self, timeout: float | None = None) -> RunResult | None:
@@ -629,7 +693,7 @@ class Run:
         try:
             self._watch_loop()
         except BaseException as exc:  # never leave poll() waiting forever on a dead watcher
-            _killpg(self.pgid, signal.SIGKILL)
+            self._signal(signal.SIGKILL)
             try:
                 self._proc.wait(10)
             except subprocess.TimeoutExpired:
@@ -640,6 +704,66 @@ class Run:
             self._reader_done.wait(5)
             self._finalize(time.monotonic() - self._t0)
             raise
+
+    def _read_info(self, block: bool = False) -> None:
+        """Take the run's PID namespace from bwrap's --info-fd report (written before the command starts)."""
+        fd = self._info_fd
+        if fd is None:
+            return
+        os.set_blocking(fd, block)
+        eof = False
+        try:
+            while not eof:
+                chunk = os.read(fd, 4096)
+                self._info += chunk
+                eof = not chunk
+        except BlockingIOError:
+            pass
+        except OSError:
+            eof = True
+        try:
+            info = json.loads(self._info)
+        except ValueError:
+            info = None
+        if info is None and not eof:
+            return  # not all of it yet
+        os.close(fd)
+        self._info_fd = None
+        if info is not None:
+            self._pidns = f"pid:[{info['pid-namespace']}]"
+            self._ns_init = int(info["child-pid"])
+
+    def _members(self) -> list[int]:
+        """The run's live processes: its process group and, under bwrap, its whole PID namespace
+        (a setsid'ed child leaves the group, never the namespace)."""
+        members = group_members(self.pgid)
+        if self._pidns:
+            members += [pid for pid in ns_members(self._pidns) if pid not in members
+                        and (_stat(pid) or ("Z",))[0] not in ("Z", "X")]
+        return members
+
+    def _signal(self, sig: int) -> None:
+        if self._pidns is None or sig == signal.SIGKILL:
+            _killpg(self.pgid, sig)
+        if self._pidns is None:
+            return
+        # A polite signal goes to the run's own processes, not to bwrap (which would die of it
+        # and take the namespace down at once, with no grace for the run).
+        if sig == signal.SIGKILL and self._ns_init:
+            try:  # the namespace's init: when it dies the kernel kills everything inside
+                os.kill(self._ns_init, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        for pid in ns_members(self._pidns):
+            try:
+                os.kill(pid, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+    def _members_gone(self, timeout: float) -> None:
+        end = time.monotonic() + timeout
+        while self._members() and time.monotonic() < end:
+            time.sleep(0.01)
 
     def _watch_loop(self) -> None:
         pid = self.pid
@@ -652,32 +776,40 @@ class Run:
                 info = True
             if info is not None:
                 break
+            if self._info_fd is not None:
+                self._read_info()
             now = time.monotonic()
             with self._lock:
                 if self._killed is None and now - self._t0 > self.deadline_s:
                     self._killed, self._term_at = "deadline", now
-                    _killpg(self.pgid, signal.SIGTERM)
+                    self._signal(signal.SIGTERM)
+                if self._killed is None and self._max_tasks and self._pidns:
+                    if _task_count(ns_members(self._pidns)) > self._max_tasks:
+                        self._killed, self._term_at = "processes", now
+                        self._signal(signal.SIGKILL)  # a fork bomb gets no grace
                 if self._killed is None and self._memory_limit_mb and now >= next_mem:
                     next_mem = now + MEMORY_CHECK_INTERVAL_S
                     if self._over_memory():
                         self._killed, self._term_at = "memory", now
-                        _killpg(self.pgid, signal.SIGKILL)  # no grace: the machine is at risk
+                        self._signal(signal.SIGKILL)  # no grace: the machine is at risk
                 if self._term_at is not None and now - self._term_at > GRACE_S:
-                    _killpg(self.pgid, signal.SIGKILL)
+                    self._signal(signal.SIGKILL)
             # After EOF the leader is normally exiting: look again soon, not at the next tick.
             self._wake.wait(0.002 if self._reader_done.is_set() else WATCH_INTERVAL_S)
             self._wake.clear()
         duration = time.monotonic() - self._t0
+        if self._info_fd is not None:
+            self._read_info(block=True)
         # The leader is gone: children that outlived it must not survive.
-        _killpg(self.pgid, signal.SIGKILL)
-        _wait_group_gone(self.pgid, 2.0)
+        self._signal(signal.SIGKILL)
+        self._members_gone(2.0)
         self._proc.wait()  # reap; frees the pgid
         self._leader_done.set()
         self._reader_done.wait()
         self._finalize(duration)
 
     def _over_memory(self) -> bool:
-        members = group_members(self.pgid)
+        members = self._members()
         if _group_rss_mb(members) <= self._memory_limit_mb:
             return False
         # RSS double-counts pages shared by forked workers; PSS splits them fairly.
@@ -687,6 +819,8 @@ class Run:
         rc = self._proc.returncode
         if rc is None:
             exit_code, sig = None, None
+        elif self._bwrap and rc > 128:  # bwrap reports its command's death by signal N as 128 + N
+            exit_code, sig = None, rc - 128
         else:
             exit_code, sig = (rc, None) if rc >= 0 else (None, -rc)
         killed = self._killed
