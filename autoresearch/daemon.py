@@ -44,6 +44,7 @@ from .proposers.base import (HistoryRow, NoEdit, Proposal, ProposalContext, Prop
                              ProposerUnavailable)
 from .proposers.prompt import change_summary
 from .report import status_line
+from . import sandbox
 from .runner import Run, RunResult, SandboxSpec, kill_tagged
 from .state import State, apply
 from .workspace import Workspace, blob_sha
@@ -57,6 +58,7 @@ TICK_S = 0.25  # longest sleep of the main loop between services
 STATUS_REFRESH_S = 5.0  # STATUS= while a run is in flight: its elapsed time, this often
 BACKOFF_S = (5, 15, 30, 60, 120, 300, 600)  # blocked: wait before retrying
 DISK_FULL_RETRY_S = (0.5, 30.0)  # first and longest wait between appends while the disk is full
+RUN_SLOT = 0  # one run at a time today; its checkout is .autoresearch/slots/0
 PROGRAM_SETTLE_S = 0.2  # an editor's save may take several writes; record the settled text once
 
 
@@ -118,6 +120,14 @@ def _failure(result: RunResult) -> str:
     if not math.isfinite(result.metric):
         return f"metric is {result.metric}"
     return ""
+
+
+def _check_strict(cfg: config_mod.Config) -> None:
+    """sandbox.mode = "strict" is a promise: no run without bubblewrap, so no start either."""
+    if cfg.sandbox.mode == "strict":
+        kind, why = sandbox.expected("strict")
+        if kind != "bwrap":
+            raise ConfigError(f"sandbox.mode = 'strict' but bubblewrap cannot run here: {why}")
 
 
 class Stop(Exception):
@@ -659,7 +669,11 @@ class Daemon:
         self.machines.daemon.fire("block", reason=reason, retry_at=_utc(time.time() + delay))
 
     def _run_env(self) -> dict[str, str]:
-        return {**os.environ, "AUTORESEARCH_RUN_TAG": self._run_tag()}
+        env = {**os.environ, "AUTORESEARCH_RUN_TAG": self._run_tag()}
+        if self.cfg.workload.profile:  # the data cache by its absolute path (a run's $HOME is its own)
+            from .trainer.settings import cache_dir
+            env["AUTORESEARCH_CACHE_DIR"] = str(cache_dir().absolute())
+        return env
 
     # ------------------------------------------------------------------ experiments
 
@@ -991,14 +1005,36 @@ class Daemon:
         attempt = cur.runs + 1
         log_path = self.state_dir / "runs" / (f"{cur.n}.log" if attempt == 1 else f"{cur.n}-{attempt}.log")
         sb = self.cfg.sandbox
-        model.fire(trigger, log=str(log_path.relative_to(self.root)), attempt=attempt, sandbox=sb.mode)
-        self._run = Run.start(self.cfg.run.argv, self.root, log_path, self.cfg.run.hard_deadline,
+        kind, why = sandbox.expected(sb.mode)
+        model.fire(trigger, log=str(log_path.relative_to(self.root)), attempt=attempt, sandbox=kind,
+                   sandbox_why=why)
+        if kind != "bwrap":
+            log.warning("this run is not fully contained", sandbox=kind, why=why)
+        # The run's own checkout of its commit: the human's worktree, .git and the state
+        # directory are not the run's to see (under bwrap) or to be its working directory.
+        human = {p: (self.root / p).read_bytes() for p in HUMAN_FILES if (self.root / p).exists()}
+        checkout = self.ws.run_checkout(RUN_SLOT, cur.commit, extra=human)
+        layout = sandbox.Layout(checkout=checkout, hide=(self.root, Path(self.ws.repo.common_dir)),
+                                read_only=self._run_read_only(),
+                                home=os.environ.get("HOME") or "/tmp/home")
+        self._run = Run.start(self.cfg.run.argv, checkout, log_path, self.cfg.run.hard_deadline,
                               self.cfg.run.log_max_bytes,
-                              SandboxSpec(sb.mode, sb.memory_mb, sb.max_processes, sb.max_file_mb),
+                              SandboxSpec(sb.mode, sb.memory_mb, sb.max_processes, sb.max_file_mb, layout),
                               self.cfg.run.metric_regex, self.cfg.run.memory_regex or None,
                               env=self._run_env())
         self._run_started = time.monotonic()
         self._send_status()
+
+    def _run_read_only(self) -> tuple[Path, ...]:
+        """Host paths a run reads besides its checkout and the Python install: the data cache,
+        a dataset directory named by workload.data, sandbox.read_only."""
+        paths = [Path(p) for p in self.cfg.sandbox.read_only]
+        if self.cfg.workload.profile:
+            from .trainer.settings import cache_dir
+            paths.append(cache_dir())
+        if self.cfg.workload.data.startswith("dir:"):
+            paths.append(Path(self.cfg.workload.data[4:]))
+        return tuple(paths)
 
     def _train(self, cur, model) -> None:
         run = self._run

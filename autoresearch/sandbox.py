@@ -92,6 +92,14 @@ _NAMESPACES = ("--unshare-all", "--unshare-user", "--die-with-parent", "--new-se
                "--cap-drop", "ALL")
 
 
+def expected(mode: str) -> tuple[str, str]:
+    """(kind, why not bwrap) a run gets in ``mode`` here: "bwrap" | "fallback" | "off"."""
+    if mode == "off":
+        return "off", "sandbox.mode = off"
+    path, why = bwrap_usable()
+    return ("bwrap", "") if path else ("fallback", why)
+
+
 def plan(mode: str, layout: Layout | None) -> Plan:
     """The containment this run gets. ``layout`` None: the caller has no checkout to offer (bwrap off)."""
     if mode == "off":
@@ -110,7 +118,7 @@ def _python_paths() -> list[Path]:
     for entry in sys.path + os.environ.get("PYTHONPATH", "").split(os.pathsep):
         if entry and os.path.isabs(entry):
             paths.add(Path(entry))
-    return [p for p in paths if p.exists()]
+    return [p for p in paths if os.path.exists(p)]
 
 
 def _inside(path: Path, other: Path) -> bool:
@@ -121,7 +129,7 @@ def bwrap_argv(bwrap: str, layout: Layout) -> list[str]:
     """The bubblewrap argv prefix. Mount order matters: hide (tmpfs) first, then re-expose
     read-only, then the writable checkout, then hide its .git link."""
     checkout = layout.checkout.resolve()
-    secret = [p.resolve() for p in layout.hide if p.exists()]
+    secret = [p.resolve() for p in layout.hide if os.path.exists(p)]
     home = Path(layout.home)
     if str(home) in ("/", "") or not home.is_absolute() or any(_inside(checkout, p) for p in (home,)):
         home = Path("/tmp/home")
@@ -141,12 +149,19 @@ def bwrap_argv(bwrap: str, layout: Layout) -> list[str]:
     # but nothing of the workspace's hidden part (.git, .autoresearch/, the human's files).
     masked = hidden + [Path("/tmp"), home]
     for path in sorted({Path(os.path.realpath(p)) for p in (*_python_paths(), *layout.read_only)}):
-        if not path.exists() or any(_inside(s, path) or _inside(path, s) for s in secret):
+        if not os.path.exists(path) or any(_inside(s, path) or _inside(path, s) for s in secret):
             continue
         if any(_inside(path, m) for m in masked):
             argv += ["--ro-bind", str(path), str(path)]
     argv += ["--bind", str(checkout), str(checkout)]
     if os.path.lexists(checkout / ".git"):
         argv += ["--ro-bind", "/dev/null", str(checkout / ".git")]
+    for path in hidden:  # empty and read-only (after the mounts made inside them above)
+        argv += ["--remount-ro", str(path)]
     argv += ["--chdir", str(checkout), "--setenv", "HOME", str(home)]
+    # Compile caches in the run's own $HOME: nothing a run writes reaches a later run (a
+    # poisoned kernel cache could skew its metric), at the price of compiling afresh each run.
+    for name, sub in (("XDG_CACHE_HOME", ".cache"), ("TRITON_CACHE_DIR", ".cache/triton"),
+                      ("TORCHINDUCTOR_CACHE_DIR", ".cache/inductor"), ("MPLCONFIGDIR", ".config/matplotlib")):
+        argv += ["--setenv", name, str(home / sub)]
     return argv + ["--"]

@@ -438,6 +438,46 @@ class Workspace:
         self._git.reset("-q", "--hard", sha)
         self._git.clean("-q", "-f", "-d")
 
+    def run_checkout(self, slot: int, sha: str, extra: Mapping[str, bytes] = {}) -> Path:
+        """The run's own checkout for ``slot``: ``.autoresearch/slots/<slot>``, a detached git
+        worktree at ``sha`` with nothing else in it (a previous run's outputs, ignored files
+        included, are gone), plus ``extra`` files (the human's current config) written in.
+
+        A checkout that is not a worktree of this repository any more (a run replaced its
+        ``.git`` link, made files undeletable, ...) is removed and made again.
+        """
+        path = self.state_dir / "slots" / str(int(slot))
+        admin = Path(self.repo.common_dir).resolve() / "worktrees"
+        link = path / ".git"
+        try:
+            ours = link.is_file() and not link.is_symlink() and \
+                Path(link.read_text().removeprefix("gitdir:").strip()).resolve().parent == admin
+        except OSError:
+            ours = False
+        if ours:
+            ok = (self._git_in(path, "reset", "-q", "--hard", sha) and
+                  self._git_in(path, "clean", "-q", "-f", "-f", "-d", "-x"))
+        else:
+            ok = False
+        if not ok:
+            _remove_tree(path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._git_or_raise(self.root, "worktree", "prune")
+            self._git_or_raise(self.root, "worktree", "add", "--detach", "--force", "-q", str(path), sha)
+        for rel, data in extra.items():
+            (path / rel).parent.mkdir(parents=True, exist_ok=True)
+            (path / rel).write_bytes(data)
+        return path
+
+    def _git_in(self, cwd: Path, *args: str) -> bool:
+        return gitsafe.run(list(args), cwd, capture_output=True, timeout=120).returncode == 0
+
+    def _git_or_raise(self, cwd: Path, *args: str) -> None:
+        out = gitsafe.run(list(args), cwd, capture_output=True, text=True, timeout=120)
+        if out.returncode != 0:
+            detail = (out.stderr or out.stdout).strip().replace("\n", " ")
+            raise WorkspaceError(f"git {args[0]} failed (exit {out.returncode}): {detail}"[:500])
+
     @_git_errors
     def numstat(self, a: str, b: str) -> tuple[int, int]:
         """(lines added, lines removed) from commit a to commit b (binary files count 0)."""
@@ -481,6 +521,29 @@ def blob_sha(text: str) -> str:
     """The git blob id of ``text`` encoded as UTF-8 (what `git hash-object` prints)."""
     data = text.encode("utf-8")
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+def _remove_tree(path: Path) -> None:
+    """rm -rf, also of what a run made unwritable (it owns the files, so it may chmod them back)."""
+    if not os.path.lexists(path):
+        return
+    if path.is_symlink() or not path.is_dir():
+        path.unlink()
+        return
+
+    def fix(func, name, _exc):
+        os.chmod(os.path.dirname(name), 0o700)
+        if os.path.isdir(name) and not os.path.islink(name):
+            os.chmod(name, 0o700)
+        func(name)
+
+    for parent, dirs, _files in os.walk(path):
+        for d in dirs:
+            full = os.path.join(parent, d)
+            if not os.path.islink(full):
+                os.chmod(full, 0o700)
+    os.chmod(path, 0o700)
+    shutil.rmtree(path, onerror=fix)
 
 
 def _check_editable(editable: tuple[str, ...]) -> None:
