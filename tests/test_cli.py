@@ -1,5 +1,6 @@
 """The command line as a user meets it: real processes, one-line errors, real outputs."""
 
+import argparse
 import json
 import os
 import pty
@@ -10,6 +11,7 @@ import sys
 
 import pytest
 
+from autoresearch.cli import build_parser
 from autoresearch.eventlog import GENESIS_HASH, event_hash
 
 from daemon_fixtures import REPO, cli, make_workspace, state
@@ -149,8 +151,8 @@ def test_service_print_renders_the_unit(tmp_path):
 
 def test_help_has_an_example_for_every_command():
     top = cli("--help").stdout
-    for command in ("init", "run", "status", "history", "results", "show", "verify", "repair", "plot",
-                    "pause", "resume", "stop", "skip", "tail", "service"):
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for command in sub.choices:
         assert command in top
         assert "example:\n  autoresearch " + command in cli(command, "--help").stdout
 
