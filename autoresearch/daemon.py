@@ -134,6 +134,14 @@ class Stop(Exception):
     """Unwinds the current step when a stop was requested."""
 
 
+
+def _history_description(exp) -> str:
+    """An experiment's line in the agent's history: its description, and why a rejected one was
+    rejected (out of scope, a duplicate...), which the agent needs in order not to repeat it."""
+    if exp.state == "rejected" and exp.description and exp.reason:
+        return f"{exp.description} (rejected: {exp.reason})"
+    return exp.description or exp.reason
+
 class Daemon:
     def __init__(self, root: Path | str, *, max_experiments: int | None = None,
                  run_for: float | None = None, proposer_factory: Callable | None = None,
@@ -756,7 +764,7 @@ class Daemon:
     def _context(self, n: int) -> ProposalContext:
         st = self.state
         rows = [HistoryRow(e.n, "baseline" if e.kind == "baseline" else e.state, e.metric,
-                           e.description or e.reason, e.commit, e.files, self._change(e))
+                           _history_description(e), e.commit, e.files, self._change(e))
                 for e in sorted(st.experiments.values(), key=lambda e: e.n) if e.terminal]
         failure = st.experiments.get(st.last_failure_n) if st.last_failure_n is not None else None
         kind = self.cfg.proposer.kind

@@ -18,10 +18,11 @@ from daemon_fixtures import cli, current, make_workspace, spawn_daemon, state, w
 
 AGENT = r'''
 import pathlib, re, sys
-sys.stdin.read()
+prompt = sys.stdin.read()
 counter = pathlib.Path(sys.argv[1])
 n = int(counter.read_text()) if counter.exists() else 0
 counter.write_text(str(n + 1))
+counter.with_name(f"prompt-{n}").write_text(prompt)
 train = pathlib.Path("train.py")
 text = train.read_text()
 if n == 0:
@@ -80,6 +81,12 @@ def test_results_name_each_outcome_without_inventing_a_metric(lab):
     # What the reference analysis does with the column: numbers, or NaN for an empty field.
     values = [float(r["val_bpb"]) for r in rows if r["val_bpb"] and r["status"] != "crash"]
     assert values and min(values) > 0.5  # no 0.000000 that reads like the best value
+
+
+def test_the_agent_sees_a_rejection_with_its_description_and_its_reason(lab):
+    prompt = (lab.parent / "prompt-2").read_text()  # the agent's third call: experiment 3
+    row = next(line for line in prompt.splitlines() if line.startswith("| 2 |"))
+    assert "try a wider model and keep notes" in row and "rejected: out of scope" in row and "notes.txt" in row
 
 
 def test_show_says_why_and_works_inside_the_workspace(lab):
