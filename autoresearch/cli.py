@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import errno
 import json
+import os
 import re
 import sqlite3
 import subprocess
@@ -18,7 +19,7 @@ from datetime import datetime
 from pathlib import Path
 
 from . import __version__
-from .errors import BusyError, CorruptLogError, Exit, UserError, WorkspaceError
+from .errors import BusyError, CorruptLogError, Exit, SystemRefusedError, UserError, WorkspaceError
 
 EXAMPLES = """examples:
   autoresearch run lab --init          create ./lab from the built-in workload and loop until Ctrl-C
@@ -56,17 +57,37 @@ def _workspace_dir(path: str) -> Path:
     return root
 
 
+def _require_writable(path: Path, what: str) -> None:
+    """One line naming the cause when `path` (or, absent, its nearest parent) cannot be written."""
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if os.access(probe, os.W_OK):
+        return
+    try:
+        read_only = bool(os.statvfs(probe).f_flag & os.ST_RDONLY)
+    except OSError:
+        read_only = False
+    cause = "read-only file system" if read_only else f"permission denied for user {os.getuid()}"
+    raise SystemRefusedError(f"{probe}: {cause}: cannot {what}")
+
+
 def _open_log(root: Path):
+    """The event log, opened read-only (readers never write, and work on a read-only mount)."""
     from .eventlog import EventLog
 
-    return EventLog.open(root / ".autoresearch" / "events.sqlite", create=False)
+    return EventLog.open_reader(root / ".autoresearch" / "events.sqlite")
 
 
 def _read_state(root: Path):
+    from .eventlog import open_error
+
     log = _open_log(root)
     try:
         return log.state()
-    except (sqlite3.DatabaseError, ValueError, KeyError) as exc:
+    except sqlite3.DatabaseError as exc:
+        raise open_error(log.path, exc) from None
+    except (ValueError, KeyError) as exc:
         raise CorruptLogError(f"{root}: cannot read the event log ({exc}); try `autoresearch verify`") from None
     finally:
         log.close()
@@ -74,6 +95,19 @@ def _read_state(root: Path):
 
 def _no_experiment(n: int, known) -> UserError:
     return UserError(f"no experiment {n} (" + (f"experiments: 0..{max(known)})" if known else "none yet)"))
+
+
+def _git_view(root: Path):
+    """The workspace's git side, read-only (no `Workspace.open`: that may write .git/info/exclude);
+    None when it is not a usable repository."""
+    import git
+
+    from .workspace import Workspace
+
+    try:
+        return Workspace(root=root, repo=git.Repo(root))
+    except (git.InvalidGitRepositoryError, git.NoSuchPathError):
+        return None
 
 
 # ---------------------------------------------------------------------- commands
@@ -145,6 +179,7 @@ def cmd_run(args) -> int:
         cmd_init(args)
     root = _workspace_dir(args.dir)
     overrides = {} if created else _run_overrides(args, root)
+    _require_writable(root / ".autoresearch", "run the daemon here")
     secrets.install_log_guard()
     fmt = args.log_format if args.log_format != "auto" else ("human" if sys.stdout.isatty() else "json")
     logs.configure(root / ".autoresearch", stream=sys.stdout, journal=args.journal, fmt=fmt,
@@ -236,23 +271,55 @@ def cmd_show(args) -> int:
     return 0
 
 
+def _anchors(ws) -> list[tuple[int, str, int | None]]:
+    if ws is None:
+        return []
+    try:
+        return ws.anchors()
+    except UserError:
+        return []
+
+
 def cmd_verify(args) -> int:
     from .eventlog import EventLog, verify_path
     from .machine import check_event
 
     root = _workspace_dir(args.dir)
     path = root / ".autoresearch" / "events.sqlite"
-    report = verify_path(path)
-    if not report.ok:
-        print(f"{path}: {report}", file=sys.stderr)
-        print("to recover: `autoresearch repair` backs the log up and truncates it to the last valid event",
+    ws = _git_view(root)
+    anchors = _anchors(ws)
+    if not path.exists() and anchors:
+        print(f"{path}: missing, but git anchors {anchors[0][0]} events of it (refs/autoresearch/log)",
+              file=sys.stderr)
+        print("to recover: restore the file, or `autoresearch repair` starts a new log that records the loss",
               file=sys.stderr)
         return Exit.CORRUPT
+    report = verify_path(path, [(s, h) for s, h, _ in anchors])
+    state = None
+    try:
+        log = EventLog.open_reader(path)
+        try:
+            state = log.state()
+        finally:
+            log.close()
+    except (UserError, sqlite3.DatabaseError, ValueError, KeyError):
+        pass  # the report below names what is wrong
+    if not report.ok:
+        print(f"{path}: {report}" + _unknown_refs(ws, state, report), file=sys.stderr)
+        _print_damage(report, sys.stderr)
+        if report.corrupt:
+            print("to recover: `autoresearch repair` backs the log up, keeps every event that proves itself "
+                  "and records the others as quarantined or lost", file=sys.stderr)
+        return Exit.CORRUPT
     # The chain is intact; also check every transition against the machines' tables.
-    log = EventLog.open(path, create=False)
+    log = EventLog.open_reader(path)
     try:
         current: dict[str, str] = {}
+        last = 0
         for event in log.events():
+            if event.seq != last + 1:
+                current.clear()  # events recorded as damaged: what they did is unknown
+            last = event.seq
             problem = check_event(event.aggregate, event.trigger, event.source, event.dest)
             expected = current.get(event.aggregate)
             if not problem and expected is not None and event.source != expected:
@@ -263,8 +330,41 @@ def cmd_verify(args) -> int:
             current[event.aggregate] = event.dest
     finally:
         log.close()
-    print(f"{path}: {report}; every transition legal")
+    anchored = f"; anchored in git up to event {anchors[0][0]}" if anchors else ""
+    print(f"{path}: {report}; every transition legal{anchored}")
+    _print_damage(report, sys.stdout)
+    unknown = _unknown_refs(ws, state, report)
+    if unknown:  # evidence of lost events; a "note" once the daemon has recorded their numbers as taken
+        recorded = "not reused" in unknown and state.next_floor > max(
+            int(n) for n in re.findall(r"refs/autoresearch/exp/(\d+)", unknown))
+        print(("note:" if recorded else "warning:") + unknown.removeprefix(";"), file=sys.stderr)
     return 0
+
+
+def _unknown_refs(ws, state, report) -> str:
+    """'; experiments 9-12 have refs ...' for experiment refs the log does not know."""
+    if ws is None or state is None:
+        return ""
+    try:
+        refs = ws.all_exp_refs()
+    except Exception:  # a broken ref store: verify is about the log
+        return ""
+    unknown = sorted(n for n in refs if n not in state.experiments)
+    if not unknown:
+        return ""
+    names = ", ".join(f"refs/autoresearch/exp/{n}" for n in unknown[:10]) + (" ..." if len(unknown) > 10 else "")
+    span = f"experiment {unknown[0]} has a ref" if len(unknown) == 1 else \
+        f"experiments {unknown[0]}-{unknown[-1]} have refs" if unknown[-1] - unknown[0] == len(unknown) - 1 else \
+        f"{len(unknown)} experiments have refs"
+    its = "its number is" if len(unknown) == 1 else "their numbers are"
+    return f"; {span} in git but no event in the log ({names}; kept, {its} not reused)"
+
+
+def _print_damage(report, stream) -> None:
+    for d in report.damage:
+        print(f"  {d}", file=stream)
+        if d.raw:
+            print(f"    raw: {d.raw[:300]}{' ...' if len(d.raw) > 300 else ''}", file=stream)
 
 
 def cmd_repair(args) -> int:
@@ -274,14 +374,21 @@ def cmd_repair(args) -> int:
     root = _workspace_dir(args.dir)
     pid = lock_holder(root / ".autoresearch")
     if pid is not None:
-        raise BusyError(f"{args.dir}: a daemon (pid {pid}) is running; stop it before repairing")
+        raise BusyError(f"{args.dir}: a daemon (pid {pid if pid > 0 else 'unknown'}) is running; "
+                        "stop it before repairing")
     path = root / ".autoresearch" / "events.sqlite"
-    report = verify_path(path)
-    if report.ok:
-        print(f"{path}: {report}; nothing to repair")
-        return 0
-    backup, kept, dropped = repair(path)
-    print(f"backed up to {backup}; kept {kept} events, dropped {dropped} (from event {report.first_bad_seq} on)")
+    anchors = [(s, h) for s, h, _ in _anchors(_git_view(root))]
+    if path.exists():
+        report = verify_path(path, anchors)
+        if report.ok:
+            print(f"{path}: {report}; nothing to repair")
+            return 0
+        if not report.corrupt:
+            raise CorruptLogError(f"{path}: {report}; repair cannot fix this")
+    elif not anchors:
+        raise CorruptLogError(f"{path}: no event log here")
+    _require_writable(path.parent, "repair the event log")
+    print(repair(path, anchors))
     return 0
 
 
@@ -304,10 +411,14 @@ def cmd_plot(args) -> int:
 def cmd_request(args) -> int:
     """pause | resume | stop | skip: write to the inbox, return once the daemon has logged it."""
     from .control import lock_holder, submit_request
+    from .eventlog import open_error
 
     root = _workspace_dir(args.dir)
     state_dir = root / ".autoresearch"
-    if lock_holder(state_dir) is None:
+    running = lock_holder(state_dir) is not None
+    if running or args.command in ("pause", "resume"):
+        _require_writable(state_dir / "inbox", f"send a {args.command} request")
+    if not running:
         if args.command in ("pause", "resume") and (state_dir / "events.sqlite").exists():
             # Pause outlives restarts, so both must be possible while the daemon is down.
             submit_request(state_dir, args.command)
@@ -317,24 +428,41 @@ def cmd_request(args) -> int:
         raise BusyError(f"{args.dir}: no daemon is running on this workspace")
     rid = submit_request(state_dir, args.command)
     deadline = time.monotonic() + args.timeout
-    conn = sqlite3.connect(f"file:{state_dir / 'events.sqlite'}?mode=ro", uri=True)
-    try:
-        while time.monotonic() < deadline:
-            row = conn.execute("SELECT seq, aggregate, trigger, dest, payload FROM events WHERE payload LIKE ? "
-                               "ORDER BY seq LIMIT 1", [f'%"request":"{rid}"%']).fetchone()
-            if row:
-                seq, aggregate, trigger, dest, payload = row
-                outcome = json.loads(payload).get("outcome")
-                if outcome:
-                    print(f"{args.command}: {outcome} (event {seq})", file=sys.stderr)
-                    return Exit.DECLINED
-                print(f"{args.command}: done: {aggregate} {trigger} -> {dest} (event {seq})")
-                return 0
-            time.sleep(0.02)
-    finally:
-        conn.close()
+    problem = None  # the last reason the log could not be read; it may pass (a stopping daemon
+    while time.monotonic() < deadline:  # writes a deleted -wal back into the log)
+        row = None
+        try:
+            row = _find_answer(state_dir / "events.sqlite", rid)
+            problem = None
+        except (UserError, sqlite3.DatabaseError) as exc:
+            problem = exc if isinstance(exc, UserError) else open_error(state_dir / "events.sqlite", exc)
+        if row:
+            seq, aggregate, trigger, dest, payload = row
+            outcome = json.loads(payload).get("outcome")
+            if outcome:
+                print(f"{args.command}: {outcome} (event {seq})", file=sys.stderr)
+                return Exit.DECLINED
+            print(f"{args.command}: done: {aggregate} {trigger} -> {dest} (event {seq})")
+            return 0
+        time.sleep(0.05)
+    if problem is not None:
+        raise problem
     raise BusyError(f"{args.command}: the daemon did not acknowledge within {args.timeout:g}s "
                     "(the request stays in its inbox)")
+
+
+def _find_answer(path: Path, rid: str):
+    """The event that answers request `rid`, or None (yet)."""
+    from .eventlog import EventLog
+
+    if not path.exists():
+        return None
+    log = EventLog.open_reader(path)
+    try:
+        return log.db.execute("SELECT seq, aggregate, trigger, dest, payload FROM events WHERE payload LIKE ? "
+                              "ORDER BY seq LIMIT 1", [f'%"request":"{rid}"%']).fetchone()
+    finally:
+        log.close()
 
 
 def cmd_tail(args) -> int:
@@ -449,11 +577,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("n", type=_experiment_number, metavar="N")
     sp.add_argument("--tail-chars", type=int, default=3000)
 
-    sp = add("verify", cmd_verify, "check the event log: sequence, hash chain, schema, legal transitions",
+    sp = add("verify", cmd_verify,
+             "check the event log: sequence, hash chain, anchors in git, schema, legal transitions",
              "autoresearch verify lab")
     sp.add_argument("dir", nargs="?", default=".")
 
-    sp = add("repair", cmd_repair, "back up a corrupt event log and truncate it to the last valid event",
+    sp = add("repair", cmd_repair,
+             "back up a damaged event log; keep every event that proves itself, record the rest",
              "autoresearch repair lab")
     sp.add_argument("dir", nargs="?", default=".")
 
@@ -533,6 +663,11 @@ def main(argv: list[str] | None = None) -> int:
         return int(Exit.SYSTEM)
     except KeyboardInterrupt:
         return int(Exit.INTERRUPTED)
+    except sqlite3.OperationalError as exc:
+        if getattr(exc, "sqlite_errorname", "").startswith("SQLITE_READONLY"):
+            print(f"autoresearch: error: cannot write the event log: {exc}", file=sys.stderr)
+            return int(Exit.SYSTEM)
+        raise
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """The workspace's controls that work from outside the daemon process.
 
-- the single-instance lock (``.autoresearch/daemon.lock``: an flock, the holder's PID inside);
+- the single-instance lock (an flock on ``.autoresearch/`` itself; ``daemon.lock`` holds the PID);
 - the request inbox (``.autoresearch/inbox/``): ``autoresearch pause|resume|skip|stop``
   drop one JSON file per request there; the daemon's file watcher wakes it to act on it.
 """
@@ -21,44 +21,62 @@ INBOX_NAME = "inbox"
 
 
 class WorkspaceLock:
-    """An flock on .autoresearch/daemon.lock holding our PID: one daemon per workspace."""
+    """One daemon per workspace: an flock on the state directory itself.
+
+    A lock on a file can be defeated by deleting the file (the next daemon creates a new one
+    and locks that); the state directory cannot be replaced under a running daemon without
+    taking its event log with it. ``daemon.lock`` only tells readers the holder's PID.
+    """
 
     def __init__(self, state_dir: Path):
-        self.path = state_dir / LOCK_NAME
+        self.state_dir = Path(state_dir)
+        self.path = self.state_dir / LOCK_NAME
         self._fd: int | None = None
 
     def acquire(self) -> None:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(self.state_dir, os.O_RDONLY | os.O_DIRECTORY)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
             os.close(fd)
-            raise LockedError(f"{self.path.parent.parent}: another daemon (pid {holder}) is running "
-                              "on this workspace") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            holder = _read_pid(self.state_dir)
+            raise LockedError(f"{self.state_dir.parent}: another daemon (pid "
+                              f"{holder if holder > 0 else 'unknown'}) is running on this workspace") from None
         self._fd = fd
+        self.write_pid()
+
+    def write_pid(self) -> None:
+        """(Re)write daemon.lock with our PID, atomically (it may have been deleted)."""
+        tmp = self.state_dir / f".{LOCK_NAME}.{os.getpid()}"
+        tmp.write_text(f"{os.getpid()}\n")
+        os.replace(tmp, self.path)
 
     def release(self) -> None:
         if self._fd is not None:
-            os.close(self._fd)  # closing drops the flock; the file stays (harmless)
+            os.close(self._fd)  # closing drops the flock; daemon.lock stays (harmless)
             self._fd = None
 
 
-def lock_holder(state_dir: Path) -> int | None:
-    """PID of the daemon holding the workspace lock, or None when none runs."""
+def _read_pid(state_dir: Path) -> int:
     try:
-        fd = os.open(Path(state_dir) / LOCK_NAME, os.O_RDONLY)
-    except FileNotFoundError:
+        text = (Path(state_dir) / LOCK_NAME).read_text(errors="replace").strip()
+    except OSError:
+        return -1
+    return int(text) if text.isdigit() else -1
+
+
+def lock_holder(state_dir: Path) -> int | None:
+    """PID of the daemon holding the workspace lock (-1: unknown), or None when none runs."""
+    try:
+        fd = os.open(Path(state_dir), os.O_RDONLY | os.O_DIRECTORY)
+    except (FileNotFoundError, NotADirectoryError):
         return None
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         fcntl.flock(fd, fcntl.LOCK_UN)
         return None
     except BlockingIOError:
-        text = os.pread(fd, 64, 0).decode(errors="replace").strip()
-        return int(text) if text.isdigit() else -1
+        return _read_pid(state_dir)
     finally:
         os.close(fd)
 

@@ -188,15 +188,25 @@ class Daemon:
         try:
             path = self.state_dir / EVENTS_NAME
             self.state = State()
+            self._anchors = self.ws.anchors()
+            anchors = [(seq, digest) for seq, digest, _ in self._anchors]
+            if not path.exists() and anchors:
+                raise CorruptLogError(f"{path} is missing, but git anchors {anchors[0][0]} events of it "
+                                      "(refs/autoresearch/log); restore it, or `autoresearch repair` "
+                                      "starts a new log that records the loss")
             if path.exists():
                 # Verifying and replaying a long log takes a while: tell systemd we are alive.
                 self.notifier.extend_timeout(120_000_000)
-                report = verify_path(path)
+                report = verify_path(path, anchors)
                 if not report.ok:
-                    raise CorruptLogError(f"{path}: corrupt at {report}; see `autoresearch verify` and "
-                                          "`autoresearch repair`")
+                    raise CorruptLogError(f"{path}: corrupt at {report}; see `autoresearch verify`")
                 self.log = EventLog.open(path)
                 self.state = self.log.state()
+            # Reconcile before judging cleanliness: a kill inside git leaves its locks, a kill
+            # inside a rollback a half-reset worktree; the log says the rollback was under way.
+            self.ws.clear_stale_locks()
+            if self._rollback_under_way():
+                self._reset(self.state.best_commit or self.ws.best() or self.ws.head())
             self._check_profile()
             self._check_workspace()
             if self.log is None:  # created only once every check passed: a refusal leaves nothing
@@ -209,6 +219,15 @@ class Daemon:
 
     def _load_config(self) -> config_mod.Config:
         return config_mod.override(config_mod.load(self.root), self.overrides, "run's options")
+
+    def _rollback_under_way(self) -> bool:
+        """The last event ends an experiment that was not kept: its rollback (the side effect
+        after it) may have been cut short."""
+        if self.log is None or not self.state.seq:
+            return False
+        last = next(self.log.events(since=self.state.seq - 1), None)
+        exp = self.state.experiments.get(last.experiment) if last is not None else None
+        return exp is not None and exp.terminal and exp.state != "kept"
 
     def _check_profile(self) -> None:
         old, new = self.state.profile, self.cfg.workload.profile
@@ -389,8 +408,11 @@ class Daemon:
                 signal.signal(sig, handler)
             self.notifier.stopping(self._status())
             self.alerts.close()  # a short while for "stopped" to go out
-            self.log.close()
-            self.lock.release()
+            try:
+                self._checkpoint()
+            finally:
+                self.log.close()
+                self.lock.release()
 
     def _boot(self) -> None:
         st = self.state
@@ -415,9 +437,7 @@ class Daemon:
         best = st.best_commit or self._adopt_head or self.ws.best() or self.ws.head()
         if self.ws.best() != best:
             self.ws.set_best(best)
-        for exp in st.experiments.values():
-            if exp.commit and exp.kind == "experiment" and self.ws.exp_ref(exp.n) != exp.commit:
-                self.ws.set_exp_ref(exp.n, exp.commit)
+        self._reconcile_numbers()
         cur = st.current()
         if cur is not None and cur.state != "interrupted":
             self.machines.experiment(cur.n, cur.state).fire(
@@ -434,6 +454,43 @@ class Daemon:
         if st.program_hash and new_hash != st.program_hash:
             self.machines.daemon.fire("note", kind="program_changed", old_hash=st.program_hash,
                                       new_hash=new_hash, added=0, removed=0, while_stopped=True)
+
+    def _reconcile_numbers(self) -> None:
+        """Git holds evidence of every experiment: the log and git are checked against each other.
+
+        A missing ref of a logged experiment is created; an existing ref is never moved; a ref
+        (or an anchor) the log does not know is reported by name, kept, and its number taken:
+        the next experiment is numbered above everything either knows.
+        """
+        st, refs = self.state, self.ws.all_exp_refs()
+        for exp in st.experiments.values():
+            if not exp.commit or exp.kind != "experiment":
+                continue
+            ref = refs.get(exp.n)
+            if ref is None:
+                self.ws.set_exp_ref(exp.n, exp.commit)
+            elif ref != exp.commit:
+                log.warning("experiment ref differs from the log; kept as it is", experiment=exp.n,
+                            ref=f"refs/autoresearch/exp/{exp.n}", ref_commit=ref, logged_commit=exp.commit)
+        unknown = [n for n in refs if n not in st.experiments]
+        anchored = max((n for _, _, n in self._anchors if n is not None), default=-1)
+        floor = max(max(refs, default=-1), anchored) + 1
+        if unknown:
+            log.warning("experiment refs the log does not know (kept; their numbers are not reused)",
+                        refs=[f"refs/autoresearch/exp/{n}" for n in unknown])
+        if floor > st.next_n():
+            self.machines.daemon.fire("note", kind="numbering", next_n=floor,
+                                      unknown_refs=[f"refs/autoresearch/exp/{n}" for n in unknown],
+                                      anchored_experiment=anchored if anchored >= 0 else None)
+
+    def _checkpoint(self) -> None:
+        """Make the main database file hold everything, then anchor the log's head in git."""
+        if self.log is None or not self.state.seq:
+            return
+        self.log.checkpoint()
+        if not self.lock.path.exists():
+            self.lock.write_pid()  # someone deleted it: readers still want the PID
+        self.ws.anchor(self.state.seq, self.state.hash, max(self.state.experiments, default=None))
 
     def _run_tag(self) -> str:
         return _sha256(str(self.root).encode())[:16]
@@ -724,6 +781,7 @@ class Daemon:
         self.machines.forget(n)
         self._result = None
         exp = self.state.experiments[n]
+        self._checkpoint()  # the outcome is in the main file and anchored before its side effect
         if exp.kind == "experiment" or exp.state == "kept":
             self._failures = 0  # the loop made progress: a later block starts the backoff afresh
         if exp.state == "kept":

@@ -34,8 +34,8 @@ MEANING = {
                 "experiment, a workspace where the daemon never ran, nothing finished to plot",
     Exit.BUSY: "the daemon is in the way or missing: another daemon holds the workspace (`run`, "
                "`repair`), none runs (`skip`, `stop`), or it did not answer within `--timeout`",
-    Exit.CORRUPT: "the event log is damaged: `verify` names the first bad event, `repair` truncates "
-                  "the log to the events before it",
+    Exit.CORRUPT: "the event log is damaged or cut short: `verify` says what is wrong or missing, `repair` "
+                  "keeps every event that proves itself and records the rest as quarantined or lost",
     Exit.SYSTEM: "the machine refused: permission denied, a read-only or full file system, "
                  "systemd missing or `systemctl` failing",
     Exit.DECLINED: "the daemon answered that the request does not apply (`resume` while not paused)",
@@ -78,7 +78,8 @@ class CorruptLogError(UserError):
 
 
 class SystemRefusedError(UserError):
-    """The machine refused: permissions, a read-only or full file system, systemd unavailable."""
+    """The machine refused: permissions, a read-only or full file system, systemd unavailable,
+    a `-wal` deleted under the daemon. Never answered with advice to repair."""
 
     exit_code = Exit.SYSTEM
 

@@ -77,6 +77,8 @@ class State:
     usage: dict[str, int] = field(default_factory=dict)
     last_failure_n: int | None = None
     model: dict[str, Any] = field(default_factory=dict)  # the anthropic model as the Models API saw it
+    next_floor: int = 0  # numbers below it are taken (by git refs the log does not know)
+    gaps: list[tuple[int, int]] = field(default_factory=list)  # event numbers repair could not keep
 
     # -- derived views (no state of their own) --
 
@@ -88,12 +90,15 @@ class State:
         return out
 
     def current(self) -> Experiment | None:
-        """The experiment in flight (at most one with one run slot)."""
-        live = [e for e in self.experiments.values() if not e.terminal]
-        return max(live, key=lambda e: e.n) if live else None
+        """The experiment in flight: the newest, when it has not ended (one run slot). An older
+        one without an end lost its terminal event to damage (see `gaps`): it is not in flight."""
+        if not self.experiments:
+            return None
+        newest = self.experiments[max(self.experiments)]
+        return None if newest.terminal else newest
 
     def next_n(self) -> int:
-        return max(self.experiments, default=-1) + 1
+        return max(max(self.experiments, default=-1) + 1, self.next_floor)
 
     @property
     def baseline_done(self) -> bool:
@@ -109,6 +114,8 @@ def _add_usage(total: dict[str, int], usage: dict[str, Any]) -> None:
 def apply(state: State, event) -> State:
     """Advance `state` by one event, in place, and return it. No I/O."""
     p = event.payload
+    if event.seq != state.seq + 1:  # events repair quarantined or found lost: fold what is left
+        state.gaps.append((state.seq + 1, event.seq - 1))
     state.seq, state.hash, state.last_time = event.seq, event.hash, event.time
     state.first_time = state.first_time or event.time
     usage, cost = p.get("usage"), p.get("cost_usd")  # most events carry neither
@@ -144,6 +151,8 @@ def apply(state: State, event) -> State:
                                                  "error")}
         elif t == "note" and kind == "adopted_user_commit":
             state.best_commit = p["commit"]
+        elif t == "note" and kind == "numbering":
+            state.next_floor = max(state.next_floor, int(p.get("next_n", 0)))
         if event.dest not in ("blocked", "exhausted", "stopped"):
             state.reason, state.retry_at = "", ""
         return state

@@ -30,6 +30,10 @@ STATE_DIR = ".autoresearch"
 BEST_REF = "refs/autoresearch/best"
 EXP_PREFIX = "refs/autoresearch/exp"
 REJECTED_PREFIX = "refs/autoresearch/rejected"  # commits an agent made itself (rejected, kept reachable)
+# The event log's head (seq, hash) at every experiment's outcome, as a chain of commits
+# outside SQLite: a log cut short or restored from an old copy cannot pass for whole.
+ANCHOR_REF = "refs/autoresearch/log"
+EMPTY_TREE = "4b825dc642cb6eb9a060e54bf8d69288fbee4904"  # git's well-known empty tree
 BRANCH_PREFIX = "autoresearch/"
 # Never editable, whatever the config says: the human's instructions and the config.
 PROTECTED = ("program.md", "autoresearch.toml")
@@ -248,7 +252,40 @@ class Workspace:
         return self._get_ref(f"{EXP_PREFIX}/{int(n)}")
 
     def set_exp_ref(self, n: int, sha: str) -> None:
-        self._set_ref(f"{EXP_PREFIX}/{int(n)}", sha)
+        """Point refs/autoresearch/exp/N at ``sha``; an existing ref is never moved."""
+        old = self.exp_ref(n)
+        if old is not None and old != sha:
+            raise WorkspaceError(f"{EXP_PREFIX}/{int(n)} already points at {old[:12]} (not {sha[:12]}): "
+                                 "experiment refs are never moved")
+        if old is None:
+            self._set_ref(f"{EXP_PREFIX}/{int(n)}", sha)
+
+    @_git_errors
+    def anchor(self, seq: int, digest: str, experiment: int | None) -> str:
+        """Record the log's head in git: a commit (empty tree) on ANCHOR_REF, parent = the previous anchor.
+
+        ``experiment``: the highest experiment number the log knows (numbers below it are taken).
+        """
+        parent = self._get_ref(ANCHOR_REF)
+        message = (f"autoresearch log anchor: event {seq}\n\nseq: {seq}\nhash: {digest}\n"
+                   f"experiment: {'' if experiment is None else experiment}\n")
+        args = [EMPTY_TREE, "-m", message] + (["-p", parent] if parent else [])
+        sha = self._git.commit_tree(*args)
+        self._set_ref(ANCHOR_REF, sha)
+        return sha
+
+    @_git_errors
+    def anchors(self) -> list[tuple[int, str, int | None]]:
+        """(seq, hash, experiment) of every anchor, newest first; [] when none."""
+        if self._get_ref(ANCHOR_REF) is None:
+            return []
+        out = []
+        for body in self._git.log("--first-parent", "--format=%B%x00", ANCHOR_REF).split("\0"):
+            fields = dict(line.split(": ", 1) for line in body.splitlines() if ": " in line)
+            if fields.get("seq", "").isdigit() and fields.get("hash"):
+                exp = fields.get("experiment", "")
+                out.append((int(fields["seq"]), fields["hash"].strip(), int(exp) if exp.isdigit() else None))
+        return out
 
     def set_rejected_ref(self, n: int, sha: str) -> None:
         self._set_ref(f"{REJECTED_PREFIX}/{int(n)}", sha)
@@ -497,21 +534,23 @@ class Workspace:
     def clear_stale_locks(self) -> list[str]:
         """Remove git lock files left by a killed process; returns the removed paths.
 
-        Only call while holding the workspace lock: then no live git process of
-        ours can own them.
+        Covers every lock git takes: ``index.lock``, ``next-index-*.lock`` (a pathspec
+        commit's temporary index), ``HEAD.lock`` and friends, ref and reflog locks, and a
+        linked worktree's. Only call while holding the workspace lock: then no live git
+        process of ours can own them.
         """
         gitdir = Path(self.repo.git_dir)
+        common = Path(self.repo.common_dir)
+        candidates = set(gitdir.glob("*.lock")) | set(common.glob("*.lock"))
+        for sub in ("refs", "logs", "worktrees"):
+            if (common / sub).is_dir():
+                candidates.update((common / sub).rglob("*.lock"))
         removed = []
-        candidates = [gitdir / n for n in ("index.lock", "HEAD.lock", "ORIG_HEAD.lock",
-                                           "packed-refs.lock", "config.lock", "shallow.lock")]
-        for sub in ("refs", "logs"):
-            if (gitdir / sub).is_dir():
-                candidates.extend((gitdir / sub).rglob("*.lock"))
-        for path in candidates:
+        for path in sorted(candidates):
             try:
                 path.unlink()
                 removed.append(str(path))
-            except FileNotFoundError:
+            except (FileNotFoundError, IsADirectoryError):
                 pass
         return removed
 

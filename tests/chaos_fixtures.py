@@ -1,11 +1,12 @@
 """Shared by the crash matrix, the soak and bench/chaos.py: the invariant checker and helpers.
 
 `check_invariants(root)` returns the list of violated invariants (issue 6), empty when all hold:
-  1. `verify` passes (gap-free sequence, intact hash chain);
+  1. `verify` passes (gap-free sequence, intact hash chain, the log reaches its git anchors);
   2. the folded state agrees with git: HEAD is the best commit or the in-flight experiment's
      commit, every recorded experiment ref exists and matches, the best ref is the last kept commit;
-  3. every experiment has exactly one terminal event, as its last event; numbers are contiguous;
-     at most one experiment (the newest) is still in flight;
+  3. every experiment has exactly one terminal event, as its last event; numbers are contiguous
+     (except a jump the log records: numbers git had taken); at most one experiment (the newest)
+     is still in flight;
   4. `autoresearch results` prints exactly report.results_tsv(fold(log));
   5. no process carrying the workspace's run tag survives; no git lock file is left;
   6. (with an `ApiLog`) no API request for an experiment after its `proposed` event was recorded.
@@ -75,7 +76,7 @@ def _git(root: Path, *args: str) -> str | None:
 def check_invariants(root: Path, api: ApiLog | None = None) -> list[str]:
     root = Path(root)
     problems: list[str] = []
-    report = verify_path(root / ".autoresearch" / "events.sqlite")
+    report = verify_path(root / ".autoresearch" / "events.sqlite", anchors(root))
     if not report.ok:
         problems.append(f"1 verify: {report}")
     evs = events(root)
@@ -109,8 +110,11 @@ def check_invariants(root: Path, api: ApiLog | None = None) -> list[str]:
 
     # 3. one terminal state each, none counted twice, none vanished.
     ns = sorted(st.experiments)
-    if ns != list(range(len(ns))):
-        problems.append(f"3 experiment numbers not contiguous: {ns}")
+    floors = {e.payload["next_n"] for e in evs if e.trigger == "note" and e.payload.get("kind") == "numbering"}
+    for a, b in zip([-1] + ns, ns):
+        if b != a + 1 and b not in floors:
+            problems.append(f"3 experiment numbers not contiguous: {ns}")
+            break
     by_exp: dict[int, list] = {}
     for e in evs:
         if e.experiment is not None:
@@ -144,6 +148,30 @@ def check_invariants(root: Path, api: ApiLog | None = None) -> list[str]:
                 if later:
                     problems.append(f"6 exp {e.experiment}: {len(later)} API request(s) after `proposed`")
     return problems
+
+
+def anchors(root: Path) -> list[tuple[int, str]]:
+    """(seq, hash) of every anchor of the log in git (refs/autoresearch/log), newest first."""
+    out = _git(root, "log", "--first-parent", "--format=%B%x00", "refs/autoresearch/log") or ""
+    found = []
+    for body in out.split("\0"):
+        fields = dict(line.split(": ", 1) for line in body.splitlines() if ": " in line)
+        if "seq" in fields:
+            found.append((int(fields["seq"]), fields["hash"]))
+    return found
+
+
+def exp_refs(root: Path) -> dict[str, str]:
+    """refs/autoresearch/exp/* -> commit."""
+    out = _git(root, "for-each-ref", "--format=%(refname) %(objectname)", "refs/autoresearch/exp") or ""
+    return dict(line.split() for line in out.splitlines())
+
+
+def refs_overwritten(before: dict[str, str], root: Path) -> list[str]:
+    """Experiment refs that moved or vanished since `before` (exp_refs taken earlier)."""
+    after = exp_refs(root)
+    return [f"{name}: {sha[:12]} -> {(after.get(name) or 'gone')[:12]}"
+            for name, sha in before.items() if after.get(name) != sha]
 
 
 def kept_or_discarded(root: Path) -> int:

@@ -14,7 +14,7 @@ import pytest
 from autoresearch.cli import build_parser
 from autoresearch.eventlog import GENESIS_HASH, event_hash
 
-from daemon_fixtures import REPO, cli, make_workspace, state
+from daemon_fixtures import REPO, cli, events, git, make_workspace, state
 
 
 @pytest.fixture(scope="module")
@@ -107,9 +107,12 @@ def test_a_corrupted_row_is_named_and_run_refuses(tmp_path):
     out = cli("run", str(root))
     one_line_error(out, 4)
     assert "corrupt at event 6" in out.stderr
+    total = len(events(root))
     out = cli("repair", str(root))
-    assert out.returncode == 0 and "kept 5 events" in out.stdout
-    assert cli("verify", str(root)).returncode == 0
+    assert out.returncode == 0, out.stderr
+    assert f"kept {total - 1} of {total} events, quarantined 1 (6;" in out.stdout and "lost 0" in out.stdout
+    out = cli("verify", str(root))
+    assert out.returncode == 0 and "event 6 quarantined by repair" in out.stdout and "0.001" in out.stdout
     assert list(db.parent.glob("events.sqlite.bak-*"))  # the damaged log is kept
     out = cli("run", str(root), "--max-experiments", "1")  # resumes from the valid prefix
     assert out.returncode == 0, out.stderr
@@ -134,6 +137,10 @@ def test_verify_catches_an_illegal_transition_with_a_valid_chain(tmp_path):
         prev = digest
     conn.commit()
     conn.close()
+    out = cli("verify", str(root))
+    assert out.returncode == 4 and "not the one the daemon wrote" in out.stderr  # the anchors see it
+    assert "repair" not in out.stderr  # repair cannot make it the daemon's log
+    git(root, "update-ref", "-d", "refs/autoresearch/log")  # without anchors: the tables see it
     out = cli("verify", str(root))
     assert out.returncode == 4 and "illegal transition" in out.stderr and "'keep' is not allowed" in out.stderr
 

@@ -18,7 +18,10 @@ from __future__ import annotations
 
 import json
 import os
+import random
+import re
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -31,7 +34,8 @@ from autoresearch.machine import DAEMON_TRANSITIONS, EXPERIMENT_TRANSITIONS
 from autoresearch.state import fold
 
 from anthropic_fake import FakeAnthropic, text_reply, tweak_constant
-from chaos_fixtures import SCRIPTED_AGENT, ApiLog, check_invariants, kept_or_discarded
+from chaos_fixtures import (SCRIPTED_AGENT, ApiLog, check_invariants, exp_refs, kept_or_discarded,
+                            refs_overwritten)
 from daemon_fixtures import REPO, cli, current, events, git, has_event, kill_runs, make_workspace, spawn_daemon, wait_for
 
 TRIGGERS = sorted({row["trigger"] for row in DAEMON_TRANSITIONS + EXPERIMENT_TRANSITIONS})
@@ -300,3 +304,216 @@ def test_a_kill_inside_an_atomic_write_leaves_no_stray_file(tmp_path):
     out = cli("run", str(root), "--max-experiments", "1")  # and a daemon starts and runs there
     assert out.returncode == 0, out.stderr[-2000:]
     assert check_invariants(root) == []
+
+
+# ---------------------------------------------------------------- damaged state (issue 11)
+# What a person meets after a full disk, a restored backup, a bad copy or a mistaken `rm`. After
+# each: no experiment ref moved, no number reused, `verify`'s verdict names the damage, `repair`
+# loses only what it reports, and the daemon goes on (check_invariants finds nothing).
+
+EVENTS = Path(".autoresearch") / "events.sqlite"
+
+
+def _settled(tmp_path: Path, n: int = 3) -> Case:
+    """A workspace with a baseline and `n` experiments, stopped cleanly."""
+    case = Case(tmp_path, {})
+    out = case.run("--max-experiments", str(n))
+    assert out.returncode == 0, out.stderr[-2000:]
+    return case
+
+
+def _go_on(case: Case, refs_before: dict) -> None:
+    """The daemon starts again, numbers the next experiment above all git knows, moves no ref."""
+    taken = max(int(name.rsplit("/", 1)[1]) for name in refs_before)
+    out = case.run("--max-experiments", "1")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert refs_overwritten(refs_before, case.root) == []
+    st = fold(events(case.root))
+    assert max(st.experiments) > taken, sorted(st.experiments)
+    assert check_invariants(case.root) == []
+
+
+def test_a_flipped_byte_is_quarantined_and_costs_no_other_event(tmp_path):
+    case = _settled(tmp_path)
+    try:
+        refs, total = exp_refs(case.root), len(events(case.root))
+        db = case.root / EVENTS
+        data = bytearray(db.read_bytes())
+        at = data.index(b"runs/2.log")  # inside experiment 2's `launch` payload
+        data[at + 5] = ord("7")
+        db.write_bytes(bytes(data))
+        out = cli("verify", str(case.root))
+        assert out.returncode == 4 and "hash mismatch" in out.stderr and "autoresearch repair" in out.stderr
+        assert case.run().returncode == 4  # refuses to run on a log that does not verify
+        out = cli("repair", str(case.root))
+        assert out.returncode == 0, out.stderr
+        assert f"kept {total - 1} of {total} events, quarantined 1 (" in out.stdout and "lost 0" in out.stdout
+        out = cli("verify", str(case.root))
+        assert out.returncode == 0 and "quarantined by repair" in out.stdout and "runs/7.log" in out.stdout
+        _go_on(case, refs)
+    finally:
+        case.close()
+
+
+def test_deleted_trailing_rows_are_named_and_their_numbers_never_reused(tmp_path):
+    case = _settled(tmp_path)
+    try:
+        refs, evs = exp_refs(case.root), events(case.root)
+        first = min(e.seq for e in evs if e.experiment == 3)
+        last = evs[-1].seq
+        conn = sqlite3.connect(case.root / EVENTS)
+        conn.execute("DELETE FROM events WHERE seq >= ?", [first])
+        conn.commit()
+        conn.close()
+        out = cli("verify", str(case.root))
+        assert out.returncode == 4, out.stderr
+        assert (f"log ends at event {first - 1}, its anchor in git says {last}: events {first}-{last} are gone"
+                in out.stderr), out.stderr
+        assert "experiment 3 has a ref in git but no event in the log" in out.stderr
+        assert case.run().returncode == 4
+        out = cli("repair", str(case.root))
+        assert out.returncode == 0 and f"kept {first - 1} of {last} events" in out.stdout
+        assert f"lost {last - first + 1} (events {first}-{last})" in out.stdout
+        _go_on(case, refs)
+        assert fold(events(case.root)).next_floor == 4  # experiment 3's number stays taken
+    finally:
+        case.close()
+
+
+def test_a_truncated_file_reports_true_counts(tmp_path):
+    case = _settled(tmp_path)
+    try:
+        refs, total = exp_refs(case.root), events(case.root)[-1].seq
+        db = case.root / EVENTS
+        data = db.read_bytes()
+        db.write_bytes(data[: len(data) - 4096])  # the last page cut
+        out = cli("verify", str(case.root))
+        assert out.returncode == 4 and "autoresearch repair" in out.stderr
+        out = cli("repair", str(case.root))
+        assert out.returncode == 0, out.stderr
+        m = re.search(r"kept (\d+) of (\d+) events, quarantined (\d+).*lost (\d+)", out.stdout)
+        kept, of, quarantined, lost = map(int, m.groups())
+        assert of == total and kept + quarantined + lost == total and lost > 0, out.stdout
+        assert len(events(case.root)) == kept  # the counts printed are the true counts
+        _go_on(case, refs)
+    finally:
+        case.close()
+
+
+def test_a_deleted_wal_and_kill9_at_random_points(tmp_path):
+    """Delete `-wal` while the daemon runs, then SIGKILL it: at most the experiment in flight is
+    lost (every outcome was checkpointed into the main file), no number is reused."""
+    rng = random.Random(11)
+    case = Case(tmp_path, {})
+    try:
+        case.mode.write_text("sleep:0.3")
+        for round_ in range(3):
+            proc = case.spawn("")
+            time.sleep(rng.uniform(1.0, 4.0))
+            wal = case.root / ".autoresearch" / "events.sqlite-wal"
+            wal.unlink(missing_ok=True)
+            time.sleep(rng.uniform(0.0, 2.0))
+            status = cli("status", str(case.root))
+            assert "Traceback" not in status.stderr and status.stderr.count("\n") <= 1, status.stderr
+            proc.kill()
+            proc.wait(timeout=10)
+            kill_runs(case.root)
+            refs = exp_refs(case.root)
+            out = cli("verify", str(case.root))
+            assert out.returncode == 0, f"round {round_}: {out.stderr}"
+            if refs:
+                _go_on(case, refs)
+    finally:
+        case.close()
+
+
+def _git_wrapper(tmp_path: Path, verb: str) -> dict:
+    """A `git` that, the first time it is asked to `verb`, does what a kill -9 in the middle leaves
+    (the locks git holds; for reset, the worktree already reset, HEAD not yet moved), then SIGKILLs
+    the daemon that ran it."""
+    marker = tmp_path / f"kill-in-{verb}"
+    marker.write_text("")
+    script = tmp_path / "git"
+    real = subprocess.run(["which", "git"], capture_output=True, text=True).stdout.strip()
+    script.write_text(f"""#!/bin/sh
+if [ -e {marker} ]; then
+  for a in "$@"; do
+    if [ "$a" = {verb} ]; then
+      rm -f {marker}
+      gd=$({real} rev-parse --git-dir)
+      if [ {verb} = reset ]; then
+        for last in "$@"; do :; done
+        {real} show "$last:train.py" > train.py
+      else
+        : > "$gd/next-index-$$.lock"
+      fi
+      : > "$gd/index.lock"
+      kill -9 $PPID
+      exit 137
+    fi
+  done
+fi
+exec {real} "$@"
+""")
+    script.chmod(0o755)
+    return {"GIT_PYTHON_GIT_EXECUTABLE": str(script)}
+
+
+@pytest.mark.parametrize("verb", ["reset", "commit"])
+def test_a_kill_inside_git_is_reconciled_before_judging_cleanliness(tmp_path, verb):
+    case = Case(tmp_path, {})
+    try:
+        assert case.run("--max-experiments", "0").returncode == 0  # the baseline
+        if verb == "reset":
+            case.mode.write_text("crash")  # the next experiment crashes: its rollback is a reset
+        env = {**case.env, **_git_wrapper(tmp_path, verb)}
+        out = cli("run", str(case.root), "--max-experiments", "1", env=env, timeout=90)
+        assert out.returncode == -signal.SIGKILL, out.stderr[-2000:]
+        assert list((case.root / ".git").glob("*.lock"))
+        case.mode.write_text("")
+        recover(case)
+        assert check_invariants(case.root) == []  # no lock left, HEAD at best, worktree clean
+    finally:
+        case.close()
+
+
+def test_a_deleted_lock_file_does_not_let_a_second_daemon_in(tmp_path):
+    case = Case(tmp_path, {})
+    try:
+        case.mode.write_text("sleep:0.5")
+        proc = case.spawn("")
+        wait_for(lambda: has_event(case.root, "baseline_done"), timeout=60)
+        (case.root / ".autoresearch" / "daemon.lock").unlink()
+        second = cli("run", str(case.root), "--max-experiments", "1", env=case.env, timeout=60)
+        assert second.returncode == 3 and "another daemon" in second.stderr, second.stderr
+        assert proc.poll() is None  # the first one is unharmed
+        wait_for(lambda: (case.root / ".autoresearch" / "daemon.lock").exists(), timeout=30)  # rewritten
+        out = cli("stop", str(case.root), "--timeout", "30")
+        assert out.returncode == 0, out.stderr
+        assert proc.wait(timeout=30) == 0
+        assert check_invariants(case.root) == []
+    finally:
+        case.close()
+
+
+def test_readers_and_stop_with_the_wal_deleted(tmp_path):
+    case = Case(tmp_path, {})
+    try:
+        proc = case.spawn("")
+        wait_for(lambda: has_event(case.root, "baseline_done"), timeout=60)
+        case.mode.write_text("sleep:8")  # experiment 1's run: 8 s between two checkpoints
+        wait_for(lambda: current(case.root, "training"), timeout=30)
+        (case.root / ".autoresearch" / "events.sqlite-wal").unlink()
+        (case.root / "program.md").write_text("# program\nedited\n")  # an event, into the deleted -wal
+        for command in ("status", "results", "history"):
+            out = cli(command, str(case.root))
+            assert out.returncode == 5 and "Traceback" not in out.stderr, out.stderr
+            assert "events.sqlite-wal is missing" in out.stderr and out.stderr.count("\n") == 1, out.stderr
+        out = cli("stop", str(case.root), "--timeout", "30")
+        assert "Traceback" not in out.stderr and out.returncode in (0, 5), out.stderr
+        assert proc.wait(timeout=30) == 0
+        evs = events(case.root)  # the stop wrote the deleted WAL back into the log
+        assert evs[-1].trigger == "stop" and cli("verify", str(case.root)).returncode == 0
+        assert check_invariants(case.root) == []
+    finally:
+        case.close()

@@ -3,11 +3,12 @@
 import gc
 import json
 import sqlite3
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from autoresearch.errors import CorruptLogError
+from autoresearch.errors import CorruptLogError, SystemRefusedError
 from autoresearch.eventlog import SCHEMA_VERSION, EventLog, canonical_payload, decode_payload, repair, verify_path
 
 
@@ -145,31 +146,119 @@ def test_a_new_log_never_appears_without_its_tables(tmp_path):
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".new")] == []
 
 
-def test_repair_backs_up_and_truncates_to_the_last_valid_event(tmp_path):
+def test_repair_quarantines_the_damaged_event_and_keeps_every_later_one(tmp_path):
     path = tmp_path / "events.sqlite"
-    _fill(path)
+    _fill(path, 25)
     _sql(path, "UPDATE events SET payload = '{\"i\": 1000}' WHERE seq = 7")
-    backup, kept, dropped = repair(path)
-    assert (kept, dropped) == (6, 4)
-    assert backup.exists() and not verify_path(backup).ok  # the damaged original is kept
+    result = repair(path)
+    assert (result.kept, result.quarantined, result.lost, result.total) == (24, [7], [], 25)
+    assert "kept 24 of 25 events, quarantined 1 (7;" in str(result)
+    assert result.backup.exists() and not verify_path(result.backup).ok  # the damaged original is kept
     report = verify_path(path)
-    assert report.ok and report.count == 6
+    assert report.ok and report.count == 24
+    [damage] = report.damage
+    assert (damage.first, damage.last, damage.kind) == (7, 7, "quarantined")
+    assert "hash mismatch" in damage.reason and json.loads(damage.raw)[6] == '{"i": 1000}'  # raw, kept
     log = EventLog.open(path)
-    assert log.append("daemon", "boot", "stopped", "starting", {}).seq == 7  # the chain continues
+    assert [e.seq for e in log.events()] == [s for s in range(1, 26) if s != 7]
+    assert log.state().gaps == [(7, 7)]  # the fold copes with the hole and says where it is
+    assert log.append("daemon", "boot", "stopped", "starting", {}).seq == 26  # the chain continues
     log.close()
     assert verify_path(path).ok
 
 
-def test_repair_of_a_truncated_file(tmp_path):
+def test_a_gap_not_recorded_by_repair_still_fails(tmp_path):
+    path = tmp_path / "events.sqlite"
+    _fill(path, 10)
+    _sql(path, "UPDATE events SET payload = '{}' WHERE seq = 3")
+    repair(path)
+    _sql(path, "DELETE FROM events WHERE seq = 6")
+    report = verify_path(path)
+    assert not report.ok and report.first_bad_seq == 6 and "gap" in report.problem
+
+
+def test_anchors_catch_a_log_cut_short_and_repair_records_the_loss(tmp_path):
+    path = tmp_path / "events.sqlite"
+    _fill(path, 20)
+    log = EventLog.open(path)
+    anchors = [(e.seq, e.hash) for e in log.events() if e.seq in (12, 20)]
+    log.close()
+    assert verify_path(path, anchors).ok
+    _sql(path, "DELETE FROM events WHERE seq > 14")  # the newest rows gone
+    report = verify_path(path, anchors)
+    assert not report.ok and report.corrupt
+    assert "log ends at event 14, its anchor in git says 20: events 15-20 are gone" in str(report)
+    result = repair(path, anchors)
+    assert (result.kept, result.quarantined, result.lost, result.total) == (14, [], [(15, 20)], 20)
+    assert verify_path(path, anchors).ok
+    log = EventLog.open(path)
+    assert log.append("daemon", "boot", "stopped", "starting", {}).seq == 21  # never reuses 15-20
+    log.close()
+
+
+def test_an_anchor_with_another_hash_is_not_ok(tmp_path):
+    path = tmp_path / "events.sqlite"
+    _fill(path, 5)
+    report = verify_path(path, [(4, "0" * 64)])
+    assert not report.ok and not report.corrupt and "not the one the daemon wrote" in report.problem
+
+
+def test_repair_of_a_truncated_file_reports_true_counts(tmp_path):
     path = tmp_path / "events.sqlite"
     _fill(path, 300)
     log = EventLog.open(path)
     log.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     log.close()
     data = path.read_bytes()
-    path.write_bytes(data[: len(data) // 2])  # a torn copy, a failing disk
+    path.write_bytes(data[: len(data) - 4096])  # the last page cut: a torn copy, a failing disk
     assert not verify_path(path).ok
-    backup, kept, dropped = repair(path)
-    assert backup.exists() and kept < 300
+    result = repair(path, [(300, "x" * 64)])  # the anchor knows how many there were
+    lost = sum(b - a + 1 for a, b in result.lost)
+    assert result.total == 300 and result.kept + lost + len(result.quarantined) == 300
+    assert 0 < lost < 300 and result.kept > 0
     report = verify_path(path)
-    assert report.ok and report.count == kept
+    assert report.ok and report.count == result.kept
+
+
+def test_a_reader_on_a_log_it_cannot_write(tmp_path):
+    path = tmp_path / "events.sqlite"
+    _fill(path, 3)
+    log = EventLog.open_reader(path)  # no -wal/-shm needed, none created by the daemon's absence
+    assert [e.seq for e in log.events()] == [1, 2, 3]
+    log.close()
+
+
+def test_checkpoint_puts_everything_in_the_main_file(tmp_path):
+    path = tmp_path / "events.sqlite"
+    log = EventLog.open(path)
+    for i in range(5):
+        log.append("daemon", "note", "a", "a", {"i": i})
+    assert log.checkpoint()
+    Path(f"{path}-wal").unlink()  # what a person's `rm` does while the daemon runs
+    log.append("daemon", "note", "a", "a", {"i": 5})  # written to the deleted -wal
+    with pytest.raises(SystemRefusedError, match="events.sqlite-wal is missing"):
+        EventLog.open_reader(path).state()
+    assert log.checkpoint()  # copies it into the main file and starts a visible -wal
+    reader = EventLog.open_reader(path)
+    assert reader.state().seq == 6
+    reader.close()
+    log.append("daemon", "note", "a", "a", {"i": 6})
+    reader = EventLog.open_reader(path)
+    assert reader.state().seq == 7
+    reader.close()
+    log.close()
+
+
+def test_a_byte_that_breaks_utf8_is_quarantined_with_its_raw_bytes(tmp_path):
+    path = tmp_path / "events.sqlite"
+    _fill(path, 6)
+    data = bytearray(path.read_bytes())
+    at = data.index(b'"i":3')
+    data[at + 1] = 0xFF  # no longer UTF-8
+    path.write_bytes(bytes(data))
+    report = verify_path(path)
+    assert not report.ok and report.corrupt
+    result = repair(path)
+    assert result.kept == 5 and len(result.quarantined) == 1 and result.lost == []
+    [damage] = verify_path(path).damage
+    assert "not valid UTF-8" in damage.reason and "\\xff" in damage.raw
