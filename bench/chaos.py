@@ -1,6 +1,7 @@
-"""Chaos runs against the real daemon process (issue 6).
+"""Chaos runs against the real daemon process (issues 6 and 11).
 
     python bench/chaos.py --kills 200 [--seed 1]     # random SIGKILL soak
+    python bench/chaos.py --damage 60 [--seed 1]     # damaged state: files, WAL, git, the lock
     python bench/chaos.py --outage 600               # the API unreachable for 600 s
 
 --kills N: the daemon (offline proposer, instant fixture workload) is started
@@ -8,6 +9,15 @@ and SIGKILLed at a random instant, N times; after every kill the log must
 verify. Every 25 kills, and at the end, it is run to quiescence (one more
 experiment) and all invariants (tests/chaos_fixtures.py) are checked.
 Prints tried / survived / lost and where the kills landed.
+
+--damage N: N rounds, each one fault picked at random: delete `-wal` while the daemon runs
+then SIGKILL it (random instants), a plain SIGKILL, truncate the log file (1-3 pages), flip
+one byte of a random event's payload, delete the last experiment's rows, SIGKILL inside
+git's rollback (`reset`) or commit, delete daemon.lock and start a second daemon. After
+each: `verify` must call the log damaged exactly when the fault damaged it; `repair` (when
+needed) must print counts that add up to the events the anchors know and keep exactly
+what it says; then the daemon runs one more experiment, numbered above every experiment
+ref git holds, with no ref moved, and all invariants must hold.
 
 --outage S: the Anthropic API (a loopback fake) answers 529 for S seconds,
 then comes back. The daemon runs under a fake systemd (NOTIFY_SOCKET,
@@ -20,9 +30,11 @@ from __future__ import annotations
 
 import argparse
 import collections
+import json
 import os
 import platform
 import random
+import re
 import signal
 import socket
 import sqlite3
@@ -38,7 +50,8 @@ sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
 from autoresearch.eventlog import verify_path  # noqa: E402
 from autoresearch.state import fold  # noqa: E402
-from chaos_fixtures import ApiLog, check_invariants, kept_or_discarded  # noqa: E402
+from chaos_fixtures import (ApiLog, anchors, check_invariants, exp_refs, kept_or_discarded,  # noqa: E402
+                            refs_overwritten)
 from daemon_fixtures import cli, events, kill_runs, make_workspace, spawn_daemon  # noqa: E402
 
 
@@ -113,7 +126,7 @@ def soak(workdir: Path, kills: int, seed: int = 1, max_delay: float = 1.0, check
             break
         proc.wait(timeout=30)
         landed[_last_trigger(root)] += 1
-        report = verify_path(db) if db.exists() else None
+        report = verify_path(db, anchors(root)) if db.exists() else None
         if report is None or report.ok:
             survived += 1
         else:
@@ -128,6 +141,179 @@ def soak(workdir: Path, kills: int, seed: int = 1, max_delay: float = 1.0, check
     return {"tried": kills, "in_startup": in_startup, "survived": survived, "lost": lost, "problems": problems,
             "experiments": len(exps), "counts": st.counts(), "events": st.seq, "boots": st.boots,
             "seconds": round(time.monotonic() - t0, 1), "landed": dict(landed.most_common())}
+
+
+FAULTS = ("wal+kill", "kill", "truncate", "flip", "trailing", "kill-in-reset", "kill-in-commit", "lockfile")
+DAMAGES_LOG = {"truncate", "flip", "trailing"}  # the faults after which `verify` must fail
+
+
+def _git_wrapper(workdir: Path, verb: str) -> dict:
+    """A git that, the first time it runs `verb`, leaves what a kill -9 inside it leaves (git's
+    locks; for reset, the worktree reset and HEAD not moved yet) and SIGKILLs the daemon."""
+    marker = workdir / f"kill-in-{verb}"
+    marker.write_text("")
+    real = subprocess.run(["which", "git"], capture_output=True, text=True).stdout.strip()
+    script = workdir / f"git-{verb}"
+    action = ('for last in "$@"; do :; done\n      ' + real + ' show "$last:train.py" > train.py'
+              if verb == "reset" else ': > "$gd/next-index-$$.lock"')
+    script.write_text(f"""#!/bin/sh
+if [ -e {marker} ]; then
+  for a in "$@"; do
+    if [ "$a" = {verb} ]; then
+      rm -f {marker}
+      gd=$({real} rev-parse --git-dir)
+      {action}
+      : > "$gd/index.lock"
+      kill -9 $PPID
+      exit 137
+    fi
+  done
+fi
+exec {real} "$@"
+""")
+    script.chmod(0o755)
+    return {"GIT_PYTHON_GIT_EXECUTABLE": str(script)}
+
+
+def _apply(fault: str, root: Path, workdir: Path, rng: random.Random, mode: Path) -> str:
+    """Inflict `fault` on the workspace; returns a note on what was done."""
+    state_dir = root / ".autoresearch"
+    db = state_dir / "events.sqlite"
+    env = {"AUTORESEARCH_TEST_MODE": str(mode)}
+    if fault in ("wal+kill", "kill"):
+        mode.write_text("sleep:0.2")
+        proc = spawn_daemon(root, env=env)
+        time.sleep(rng.uniform(0.5, 3.0))
+        if fault == "wal+kill":
+            Path(f"{db}-wal").unlink(missing_ok=True)
+            time.sleep(rng.uniform(0.0, 1.5))
+        proc.kill()
+        proc.wait(timeout=30)
+        kill_runs(root)
+        mode.write_text("")
+        return f"killed after {_last_trigger(root)}"
+    if fault == "lockfile":
+        mode.write_text("sleep:0.5")
+        proc = spawn_daemon(root, env=env)
+        end = time.monotonic() + 30
+        while not (state_dir / "daemon.lock").exists() and time.monotonic() < end:
+            time.sleep(0.05)
+        time.sleep(rng.uniform(0.2, 1.5))
+        (state_dir / "daemon.lock").unlink(missing_ok=True)
+        second = cli("run", str(root), "--max-experiments", "1", env=env, timeout=60)
+        cli("stop", str(root), "--timeout", "30")
+        rc = proc.wait(timeout=60)
+        mode.write_text("")
+        if second.returncode != 3:
+            return f"VIOLATION: a second daemon started (exit {second.returncode}): {second.stderr[-300:]}"
+        return f"second daemon refused; first exited {rc}"
+    if fault in ("kill-in-reset", "kill-in-commit"):
+        verb = fault.rsplit("-", 1)[1]
+        if verb == "reset":
+            mode.write_text("crash")  # the experiment crashes: its rollback is a reset
+        out = cli("run", str(root), "--max-experiments", "1", env={**env, **_git_wrapper(workdir, verb)},
+                  timeout=120)
+        mode.write_text("")
+        (workdir / f"kill-in-{verb}").unlink(missing_ok=True)
+        return f"exit {out.returncode}"
+    # File faults, on a log at rest (the daemon stopped, everything in the main file).
+    evs = events(root)
+    if fault == "truncate":
+        pages = rng.randint(1, 3)
+        data = db.read_bytes()
+        db.write_bytes(data[: max(4096, len(data) - pages * 4096)])
+        return f"cut {pages} page(s)"
+    if fault == "flip":
+        data = bytearray(db.read_bytes())
+        for _ in range(50):  # a payload that occurs once in the file, so the flip hits that event
+            victim = rng.choice(evs[1:])
+            text = json.dumps(victim.payload, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
+            if len(text) >= 30 and data.count(text) == 1:
+                break
+        else:
+            return "skipped: no unique payload found in the file"
+        at = data.find(text)
+        i = at + rng.randrange(len(text))
+        data[i] ^= 1 << rng.randrange(8)
+        db.write_bytes(bytes(data))
+        return f"flipped a bit of event {victim.seq}"
+    if fault == "trailing":
+        last_n = max(e.experiment for e in evs if e.experiment is not None)
+        first = min(e.seq for e in evs if e.experiment == last_n)
+        con = sqlite3.connect(db)
+        con.execute("DELETE FROM events WHERE seq >= ?", [first])
+        con.commit()
+        con.close()
+        return f"deleted events {first}-{evs[-1].seq}"
+    raise ValueError(fault)
+
+
+def damage(workdir: Path, rounds: int, seed: int = 1) -> dict:
+    """`rounds` random faults on one workspace; returns the figures (see module doc)."""
+    rng = random.Random(seed)
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    root = make_workspace(workdir / "ws")
+    mode = workdir / "mode"
+    mode.write_text("")
+    db = root / ".autoresearch" / "events.sqlite"
+    tried: collections.Counter = collections.Counter()
+    survived: collections.Counter = collections.Counter()
+    repaired = {"kept": 0, "quarantined": 0, "lost": 0}
+    problems: list[str] = []
+    t0 = time.monotonic()
+    out = cli("run", str(root), "--max-experiments", "2", env={"AUTORESEARCH_TEST_MODE": str(mode)})
+    if out.returncode != 0:
+        return {"problems": [f"setup: {out.stderr[-500:]}"]}
+    for i in range(1, rounds + 1):
+        fault = rng.choice(FAULTS)
+        tried[fault] += 1
+        bad: list[str] = []
+        note = _apply(fault, root, workdir, rng, mode)
+        if note.startswith("VIOLATION"):
+            bad.append(note)
+        refs = exp_refs(root)
+        total = max((s for s, _ in anchors(root)), default=0)
+        v = cli("verify", str(root))
+        damaged = fault in DAMAGES_LOG and not note.startswith("skipped")
+        if damaged and v.returncode == 0:
+            bad.append(f"verify says ok after {fault} ({note})")
+        if not damaged and v.returncode != 0:
+            bad.append(f"verify fails after {fault} ({note}): {v.stderr[-300:]}")
+        if v.returncode != 0:
+            r = cli("repair", str(root))
+            m = re.search(r"kept (\d+) of (\d+) events, quarantined (\d+).*lost (\d+)", r.stdout)
+            e = re.search(r"(\d+) recorded as damaged by an earlier repair", r.stdout)
+            if r.returncode != 0 or m is None:
+                bad.append(f"repair failed: {r.stdout[-200:]} {r.stderr[-300:]}")
+            else:
+                kept, of, quarantined, lost = map(int, m.groups())
+                earlier = int(e.group(1)) if e else 0
+                actual = len(events(root))
+                if kept + quarantined + lost + earlier != of or of < total or actual != kept:
+                    bad.append(f"repair's counts do not add up: {m.group(0)}; anchors {total}; in the log {actual}")
+                repaired["kept"] += kept
+                repaired["quarantined"] += quarantined
+                repaired["lost"] += lost
+        taken = max((int(n.rsplit("/", 1)[1]) for n in refs), default=-1)
+        out = cli("run", str(root), "--max-experiments", "1", env={"AUTORESEARCH_TEST_MODE": str(mode)}, timeout=120)
+        if out.returncode != 0:
+            bad.append(f"restart exited {out.returncode}: {out.stderr[-500:]}")
+        bad += [f"ref moved: {m}" for m in refs_overwritten(refs, root)]
+        st = fold(events(root))
+        newer = [n for n in st.experiments if n > taken]
+        if out.returncode == 0 and not newer:
+            bad.append(f"no experiment numbered above {taken} after the restart")
+        bad += check_invariants(root)
+        if bad:
+            problems += [f"round {i} ({fault}: {note}): {b}" for b in bad]
+        else:
+            survived[fault] += 1
+    kill_runs(root)
+    st = fold(events(root)) if db.exists() else None
+    return {"rounds": rounds, "tried": dict(tried), "survived": dict(survived), "repaired": repaired,
+            "experiments": len(st.experiments) if st else 0, "events": st.seq if st else 0,
+            "seconds": round(time.monotonic() - t0, 1), "problems": problems}
 
 
 def outage(workdir: Path, seconds: float, recover_timeout: float = 900.0) -> dict:
@@ -200,12 +386,13 @@ def outage(workdir: Path, seconds: float, recover_timeout: float = 900.0) -> dic
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--kills", type=int, help="SIGKILL the daemon at N random instants")
+    ap.add_argument("--damage", type=int, metavar="N", help="N rounds of random damage (files, WAL, git, lock)")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--outage", type=float, nargs="?", const=600.0,
                     help="make the API unreachable for SECONDS (default 600)")
     args = ap.parse_args()
-    if args.kills is None and args.outage is None:
-        ap.error("give --kills N and/or --outage [SECONDS]")
+    if args.kills is None and args.outage is None and args.damage is None:
+        ap.error("give --kills N, --damage N and/or --outage [SECONDS]")
     print(f"machine: {machine()}")
     ok = True
     with tempfile.TemporaryDirectory() as tmp:
@@ -218,6 +405,14 @@ def main() -> int:
             for p in r["problems"]:
                 print("  VIOLATION:", p)
             ok &= not r["problems"] and r["survived"] == r["tried"] and r["lost"] == 0
+        if args.damage is not None:
+            r = damage(Path(tmp) / "damage", args.damage, args.seed)
+            print(f"damage: {r.get('rounds')} rounds in {r.get('seconds')} s; tried {r.get('tried')}; "
+                  f"survived {r.get('survived')}; repair kept/quarantined/lost {r.get('repaired')}; "
+                  f"{r.get('experiments')} experiments, {r.get('events')} events at the end")
+            for p in r["problems"]:
+                print("  VIOLATION:", p)
+            ok &= not r["problems"]
         if args.outage is not None:
             r = outage(Path(tmp) / "outage", args.outage)
             print("outage: " + ", ".join(f"{k} {v}" for k, v in r.items() if k != "problems"))
