@@ -369,7 +369,7 @@ def _print_damage(report, stream) -> None:
 
 def cmd_repair(args) -> int:
     from .control import lock_holder
-    from .eventlog import repair, verify_path
+    from .eventlog import no_log_error, repair, verify_path
 
     root = _workspace_dir(args.dir)
     pid = lock_holder(root / ".autoresearch")
@@ -386,7 +386,7 @@ def cmd_repair(args) -> int:
         if not report.corrupt:
             raise CorruptLogError(f"{path}: {report}; repair cannot fix this")
     elif not anchors:
-        raise CorruptLogError(f"{path}: no event log here")
+        raise no_log_error(path)
     _require_writable(path.parent, "repair the event log")
     print(repair(path, anchors))
     return 0

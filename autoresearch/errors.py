@@ -36,8 +36,8 @@ MEANING = {
                "`repair`), none runs (`skip`, `stop`), or it did not answer within `--timeout`",
     Exit.CORRUPT: "the event log is damaged or cut short: `verify` says what is wrong or missing, `repair` "
                   "keeps every event that proves itself and records the rest as quarantined or lost",
-    Exit.SYSTEM: "the machine refused: permission denied, a read-only or full file system, "
-                 "systemd missing or `systemctl` failing",
+    Exit.SYSTEM: "the machine refused: permission denied, a read-only or full file system, the event "
+                 "log's `-wal` deleted under the daemon, systemd missing or `systemctl` failing",
     Exit.DECLINED: "the daemon answered that the request does not apply (`resume` while not paused)",
     Exit.INTERRUPTED: "interrupted by Ctrl-C (`tail -f`; for `run`, Ctrl-C is a graceful stop: 0)",
 }

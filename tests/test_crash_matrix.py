@@ -408,8 +408,10 @@ def test_a_deleted_wal_and_kill9_at_random_points(tmp_path):
     try:
         case.mode.write_text("sleep:0.3")
         for round_ in range(3):
+            boots = fold(events(case.root)).boots if (case.root / EVENTS).exists() else 0
             proc = case.spawn("")
-            time.sleep(rng.uniform(1.0, 4.0))
+            wait_for(lambda: (case.root / EVENTS).exists() and fold(events(case.root)).boots > boots, timeout=60)
+            time.sleep(rng.uniform(0.5, 4.0))  # a random instant after this daemon's boot
             wal = case.root / ".autoresearch" / "events.sqlite-wal"
             wal.unlink(missing_ok=True)
             time.sleep(rng.uniform(0.0, 2.0))
