@@ -208,6 +208,10 @@ class Daemon:
             if self._rollback_under_way():
                 self._reset(self.state.best_commit or self.ws.best() or self.ws.head())
             self._check_profile()
+            if self.state.branch and self.branch != self.state.branch and self._agent_leftovers_possible():
+                # An agent CLI switched branches just before we died: the workspace's branch is
+                # the one the log recorded; the agent's is rolled back like the rest of its edit.
+                self.branch = self.state.branch
             self._check_workspace()
             if self.log is None:  # created only once every check passed: a refusal leaves nothing
                 self.log = EventLog.open(path)
@@ -422,7 +426,7 @@ class Daemon:
         self.machines.daemon.fire(
             "boot", pid=os.getpid(), version=__version__, profile=self.cfg.workload.profile or st.profile,
             program_hash=st.program_hash or _sha256(program),
-            config_hash=_sha256((self.root / config_mod.CONFIG_NAME).read_bytes()),
+            config_hash=_sha256((self.root / config_mod.CONFIG_NAME).read_bytes()), branch=self.branch,
             **({"overrides": self.overrides} if self.overrides else {}))
         if self.overrides:
             log.warning("config overridden for this run (autoresearch.toml unchanged)", overrides=self.overrides)

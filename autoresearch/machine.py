@@ -23,7 +23,7 @@ Payload keys, by trigger (experiment machine):
   keep/discard/crash/reject/skip/give_up   reason, metric
   interrupt  reason
 Daemon machine:
-  boot       pid, version, profile, program_hash, config_hash, overrides (run --proposer)
+  boot       pid, version, profile, program_hash, config_hash, branch, overrides (run --proposer)
   block      reason, retry_at
   exhaust/stop  reason (stop: request, when asked through the inbox)
   baseline_done  n, commit, metric, sigma, threshold

@@ -69,6 +69,7 @@ class State:
     threshold: float = 0.0  # the keep threshold in effect (max(min_delta, 2 sigma))
     program_hash: str = ""
     profile: str = ""
+    branch: str = ""  # the workspace's branch, as the last boot found it
     boots: int = 0
     first_time: str = ""
     last_time: str = ""
@@ -134,6 +135,7 @@ def apply(state: State, event) -> State:
             state.boots += 1
             state.profile = p.get("profile") or state.profile
             state.program_hash = p.get("program_hash") or state.program_hash
+            state.branch = p.get("branch") or state.branch
         elif t in ("pause", "resume"):
             state.paused = t == "pause"
         elif t in ("block", "exhaust", "stop"):

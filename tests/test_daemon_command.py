@@ -99,3 +99,30 @@ def test_an_agents_commit_left_by_a_kill_is_kept_aside_not_adopted(tmp_path):
     assert not any(e.payload.get("kind") == "adopted_user_commit" for e in events(root))
     assert git(root, "rev-parse", "refs/autoresearch/rejected/1") == agent_commit
     assert st.experiments[1].interrupts == 1 and st.experiments[1].proposer == "offline"
+
+
+def test_an_agents_branch_switch_left_by_a_kill_is_undone(tmp_path):
+    marker = tmp_path / "switched"
+    root = _workspace(tmp_path, "subprocess.run(['git', 'checkout', '-qb', 'agent-branch'], check=True)\n"
+                      + textwrap.dedent(COMMIT).replace('print("WIDTH 100, committed myself")', f"""
+open({str(marker)!r}, "w").write(str(__import__("os").getpid()))
+__import__("time").sleep(60)"""))
+    branch = git(root, "symbolic-ref", "HEAD")
+    daemon = spawn_daemon(root, "--max-experiments", "1")
+    try:
+        wait_for(marker.exists, timeout=60)
+        kill9(daemon)
+    finally:
+        if daemon.poll() is None:
+            kill9(daemon)
+        if marker.exists():
+            os.kill(int(marker.read_text()), signal.SIGKILL)
+    assert git(root, "symbolic-ref", "HEAD") == "refs/heads/agent-branch"
+    agent_commit = git(root, "rev-parse", "HEAD")
+    (tmp_path / "agent.py").write_text("import sys\nsys.stdin.read()\n")
+    out = cli("run", str(root), "--max-experiments", "1")
+    assert out.returncode == 0, out.stderr[-2000:]
+    _check_restored(root, branch)  # back on the workspace's own branch
+    assert git(root, "rev-parse", "refs/autoresearch/rejected/1") == agent_commit
+    boots = [e for e in events(root) if e.trigger == "boot"]
+    assert [b.payload["branch"] for b in boots] == [branch.removeprefix("refs/heads/")] * 2
