@@ -264,6 +264,7 @@ class Daemon:
         best = self.state.best_commit or self.ws.best() or self.ws.head()
         head = self.ws.head()
         known = {e.commit for e in self.state.experiments.values() if e.commit}
+        known |= set(self.ws.all_exp_refs().values())  # ours, even where the log lost its events
         if cur is not None:  # committed by us just before a crash, not yet in the log
             known.add(self.ws.exp_ref(cur.n))
             if cur.files is not None and self.state.best_commit and head != self.state.best_commit \

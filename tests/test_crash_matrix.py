@@ -519,3 +519,22 @@ def test_readers_and_stop_with_the_wal_deleted(tmp_path):
         assert check_invariants(case.root) == []
     finally:
         case.close()
+
+
+def test_a_lost_wal_after_a_commit_leaves_a_ref_the_log_does_not_know(tmp_path):
+    """Killed right after experiment 1's commit, its events only in the `-wal`, which is then lost:
+    HEAD and refs/autoresearch/exp/1 hold a commit the log never heard of. The restart knows it
+    for its own (an experiment ref), rolls back, keeps the ref and numbers on from 2."""
+    case = Case(tmp_path, {})
+    try:
+        case.setup_crash("post:commit")
+        (case.root / EVENTS.parent / "events.sqlite-wal").unlink()
+        refs = exp_refs(case.root)
+        assert "refs/autoresearch/exp/1" in refs and fold(events(case.root)).next_n() == 1
+        out = cli("verify", str(case.root))
+        assert out.returncode == 0 and "experiment 1 has a ref in git but no event in the log" in out.stderr
+        _go_on(case, refs)
+        st = fold(events(case.root))
+        assert 1 not in st.experiments and st.next_floor == 2
+    finally:
+        case.close()
