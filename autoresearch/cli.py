@@ -136,6 +136,52 @@ def cmd_init(args) -> int:
     return 0
 
 
+class _LiveLine:
+    """The terminal under the log lines (logs.HumanStream writes them here): one dimmed line that
+    shows the run in flight, redrawn below each log line and refreshed every second."""
+
+    REFRESH_S = 1.0
+
+    def __init__(self, stream):
+        self._stream = stream
+        self._live = ""  # the live line now on screen ('' = none)
+        self._drawn = 0.0
+
+    def isatty(self) -> bool:
+        return self._stream.isatty()
+
+    def write(self, text: str) -> int:
+        live, self._live = self._live, ""
+        if live:
+            self._stream.write("\r\x1b[K")  # the log line takes the live line's place...
+        self._stream.write(text)
+        if live and text.endswith("\n"):
+            self._draw(live)  # ...which comes back below it
+        return len(text)
+
+    def flush(self) -> None:
+        self._stream.flush()
+
+    def live(self, text: str | None) -> None:
+        """Show `text` (already cleaned: progress.py) as the live line; None clears it."""
+        now = time.monotonic()
+        if text is None:
+            if self._live:
+                self._stream.write("\r\x1b[K")
+                self._stream.flush()
+                self._live = ""
+        elif now - self._drawn >= self.REFRESH_S:
+            self._draw(text)
+            self._drawn = now
+
+    def _draw(self, text: str) -> None:
+        import shutil
+
+        self._live = text[:max(20, shutil.get_terminal_size().columns - 1)]
+        self._stream.write("\r\x1b[K\x1b[2m" + self._live + "\x1b[0m")  # dim: it is not a log line
+        self._stream.flush()
+
+
 def _run_overrides(args, root: Path) -> dict:
     """`run`'s creation options on an existing workspace: never silently ignored.
 
@@ -169,25 +215,40 @@ def _run_overrides(args, root: Path) -> dict:
 
 def cmd_run(args) -> int:
     from . import config as config_mod
-    from . import logs, secrets
-    from .daemon import Daemon
-    from .report import status_line
+    from .control import lock_holder, locked_error
 
     root = Path(args.dir)
     created = args.init and not (root / config_mod.CONFIG_NAME).exists()
     if created:
         cmd_init(args)
     root = _workspace_dir(args.dir)
+    # Refuse a bad config or a locked workspace before the heavy imports (git, the agent SDKs):
+    # the daemon checks both again, authoritatively, once it holds the lock.
+    config_mod.load(root)
+    holder = lock_holder(root / ".autoresearch")
+    if holder is not None:
+        raise locked_error(root / ".autoresearch", holder)
     overrides = {} if created else _run_overrides(args, root)
     _require_writable(root / ".autoresearch", "run the daemon here")
+
+    from . import logs, secrets
+    from .daemon import Daemon
+    from .report import status_line
+
+    daemon = Daemon(root, max_experiments=args.max_experiments, run_for=args.run_for, overrides=overrides)
+    daemon.open()  # every refusal happens here: before a log file, a lock file, anything
     secrets.install_log_guard()
     fmt = args.log_format if args.log_format != "auto" else ("human" if sys.stdout.isatty() else "json")
-    logs.configure(root / ".autoresearch", stream=sys.stdout, journal=args.journal, fmt=fmt,
+    live = _LiveLine(sys.stdout) if fmt == "human" and sys.stdout.isatty() else None
+    logs.configure(root / ".autoresearch", stream=live or sys.stdout, journal=args.journal, fmt=fmt,
                    level=args.log_level, redact=secrets.redact)
-    daemon = Daemon(root, max_experiments=args.max_experiments, run_for=args.run_for, overrides=overrides)
+    if live is not None:
+        daemon.on_tick = lambda: live.live(daemon.live_line())
     try:
         code = daemon.run()
     finally:
+        if live is not None:
+            live.live(None)
         logs.close()
     print(f"autoresearch: {status_line(daemon.state)}", file=sys.stderr)
     return code
@@ -200,17 +261,33 @@ def cmd_status(args) -> int:
     root = _workspace_dir(args.dir)
     state = _read_state(root)
     pid = lock_holder(root / ".autoresearch")
+    cur = state.current()
+    elapsed = budget = shown = None
+    if pid is not None and cur is not None and cur.state == "training" and cur.launched:
+        # The run in flight: its clock from the launch event, its progress from its own output.
+        from . import config as config_mod, progress
+
+        elapsed = max(0.0, time.time() - datetime.fromisoformat(cur.launched.replace("Z", "+00:00")).timestamp())
+        try:
+            budget = config_mod.load(root).run.budget_seconds
+        except UserError:
+            budget = None  # a config being edited: the elapsed time alone still helps
+        shown = progress.read(root / cur.log)
     if args.json:
-        cur = state.current()
         print(json.dumps({
             "daemon": state.daemon, "running": pid is not None, "pid": pid, "reason": state.reason,
             "retry_at": state.retry_at,
-            "current": None if cur is None else {"n": cur.n, "state": cur.state, "description": cur.description},
+            "current": None if cur is None else {
+                "n": cur.n, "state": cur.state, "description": cur.description, "kind": cur.kind,
+                "failed_runs": cur.failed_runs,
+                "run": None if elapsed is None else {
+                    "elapsed_s": round(elapsed, 1), "budget_s": budget,
+                    "step": shown.step if shown else None, "loss": shown.loss if shown else None}},
             "best_metric": state.best_metric, "best_commit": state.best_commit, "counts": state.counts(),
             "cost_usd": state.cost_usd, "cost_unknown": state.cost_unknown, "usage": state.usage,
             "model": state.model or None, "events": state.seq}, indent=2))
         return 0
-    text = status_text(state, str(root), pid)
+    text = status_text(state, str(root), pid, elapsed, budget, str(shown) if shown else "")
     if pid is None and state.daemon not in ("stopped", "exhausted"):
         text += "\nnote:       no daemon is running (it died or was killed); `autoresearch run` resumes"
     print(text)

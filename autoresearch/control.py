@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 from .errors import LockedError
-from .eventlog import utc_now
 
 LOCK_NAME = "daemon.lock"
 INBOX_NAME = "inbox"
@@ -39,9 +38,7 @@ class WorkspaceLock:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            holder = _read_pid(self.state_dir)
-            raise LockedError(f"{self.state_dir.parent}: another daemon (pid "
-                              f"{holder if holder > 0 else 'unknown'}) is running on this workspace") from None
+            raise locked_error(self.state_dir, _read_pid(self.state_dir)) from None
         self._fd = fd
         self.write_pid()
 
@@ -55,6 +52,11 @@ class WorkspaceLock:
         if self._fd is not None:
             os.close(self._fd)  # closing drops the flock; daemon.lock stays (harmless)
             self._fd = None
+
+
+def locked_error(state_dir: Path, holder: int) -> LockedError:
+    return LockedError(f"{Path(state_dir).parent}: another daemon (pid {holder if holder > 0 else 'unknown'}) "
+                       "is running on this workspace")
 
 
 def _read_pid(state_dir: Path) -> int:
@@ -83,6 +85,8 @@ def lock_holder(state_dir: Path) -> int | None:
 
 def submit_request(state_dir: Path, action: str) -> str:
     """Write a request into the inbox atomically (tmp + rename); returns its id."""
+    from .eventlog import utc_now  # not at import: `run` checks the lock before loading SQLite tooling
+
     inbox = Path(state_dir) / INBOX_NAME
     inbox.mkdir(parents=True, exist_ok=True)
     rid = f"{int(time.time() * 1000)}-{os.getpid()}-{os.urandom(3).hex()}"

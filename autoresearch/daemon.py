@@ -22,6 +22,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import signal
 import sqlite3
 import statistics
@@ -33,7 +34,7 @@ from typing import Any, Callable
 
 import structlog
 
-from . import __version__, config as config_mod, faults, secrets
+from . import __version__, config as config_mod, faults, progress, secrets
 from .alerts import Alerts
 from .control import INBOX_NAME, WorkspaceLock
 from .errors import ConfigError, CorruptLogError, WorkspaceError
@@ -43,11 +44,11 @@ from .notify import Notifier, WatchdogTimer
 from .proposers.base import (HistoryRow, NoEdit, Proposal, ProposalContext, ProposerAuthError,
                              ProposerUnavailable)
 from .proposers.prompt import change_summary
-from .report import status_line
+from .report import fmt_duration, status_line
 from . import sandbox
-from .runner import Run, RunResult, SandboxSpec, kill_tagged
+from .runner import Run, RunResult, SandboxSpec, kill_tagged, scrubbed_env
 from .state import State, apply
-from .workspace import Workspace, blob_sha
+from .workspace import STATE_DIR, Workspace, blob_sha
 
 log = structlog.get_logger("autoresearch.daemon")
 logging.getLogger("transitions").setLevel(logging.WARNING)  # our own events say it all
@@ -130,6 +131,28 @@ def _check_strict(cfg: config_mod.Config) -> None:
             raise ConfigError(f"sandbox.mode = 'strict' but bubblewrap cannot run here: {why}")
 
 
+def _made_by_prepare(program: str, cwd: Path) -> bool:
+    """A relative path to a program that does not exist yet: prepare_command may create it."""
+    return "/" in program and not Path(program).is_absolute() and not (cwd / program).exists()
+
+
+def _program_problem(program: str, cwd: Path) -> str:
+    """'' when a run could start `program` (its argv[0]) in `cwd` with the run's PATH, else why not."""
+    if program in ("python", "python3"):
+        return ""  # the daemon's own interpreter (Run.start)
+    if "/" in program:
+        path = cwd / program
+        if not path.exists():
+            return f"{program}: no such file"
+        if not path.is_file() or not os.access(path, os.X_OK):
+            return f"{program}: not an executable file"
+        return ""
+    search = scrubbed_env(os.environ)["PATH"]
+    if shutil.which(program, path=os.pathsep.join(str(cwd / d) for d in search.split(os.pathsep) if d)):
+        return ""
+    return f"{program}: command not found (PATH={search})"
+
+
 class Stop(Exception):
     """Unwinds the current step when a stop was requested."""
 
@@ -164,24 +187,32 @@ class Daemon:
         self._status_sent = 0.0  # when STATUS= was last sent (monotonic)
         self._result: RunResult | None = None
         self._failures = 0  # consecutive blocks, for the backoff
+        self._prepared = False  # prepare_command succeeded in this process: once per start
         self._session_experiments = 0
         self._model_checked: str | None = None  # the anthropic model looked up in this start
         self._changes: dict[int, str] = {}  # experiment -> prompt.change_summary (cache)
         self._fingerprints: dict[tuple, tuple | None] = {}  # (commit, editable) -> blob ids (cache)
         self._observer = None
         self._old_handlers: dict = {}
+        self.on_tick: Callable[[], None] | None = None  # called by the main loop on every service tick
         self.log: EventLog | None = None
 
     # ------------------------------------------------------------------ opening
 
+    def open(self) -> None:
+        """Everything that may refuse to start, before anything is touched: a refusal raises a
+        UserError and leaves no trace (not even an empty .autoresearch/). `run` opens if needed."""
+        if self.log is None:
+            self._open()
+
     def _open(self) -> None:
-        """Everything that may refuse to start, before anything is touched."""
         if not self.root.is_dir():
             raise WorkspaceError(f"{self.root}: no such directory")
         secrets.remember_environment()  # whatever a run prints of them is redacted
         self.cfg = self._load_config()
         self.ws = Workspace.open(self.root, self.cfg.run.editable)
         self.branch = self.ws.branch  # the workspace's branch: an agent that leaves it is put back
+        created = not (self.root / STATE_DIR).exists()
         self.state_dir = self.ws.state_dir
         self.lock = WorkspaceLock(self.state_dir)
         self.lock.acquire()
@@ -213,11 +244,19 @@ class Daemon:
                 # the one the log recorded; the agent's is rolled back like the rest of its edit.
                 self.branch = self.state.branch
             self._check_workspace()
+            self._preflight()
             if self.log is None:  # created only once every check passed: a refusal leaves nothing
                 self.log = EventLog.open(path)
         except BaseException:
             if self.log is not None:
                 self.log.close()
+                self.log = None
+            if created:  # we made the state directory: take it away again (we still hold the lock)
+                self.lock.path.unlink(missing_ok=True)
+                try:
+                    self.state_dir.rmdir()
+                except OSError:
+                    pass  # something else was put there meanwhile: leave it
             self.lock.release()
             raise
 
@@ -250,6 +289,25 @@ class Daemon:
             return True
         tail = list(self.log.events(since=self.state.seq - 1)) if self.log is not None else []
         return bool(tail) and tail[-1].aggregate == f"experiment:{last.n}"
+
+    def _preflight(self) -> None:
+        """What can be checked before any run, so that a typo costs no baseline run: the commands'
+        programs exist, and the offline proposer has constants to tune."""
+        run = self.cfg.run
+        for key, argv in (("prepare_command", run.prepare_argv), ("command", run.argv)):
+            # A relative path may be made by prepare_command (a venv): checked again after it ran.
+            if argv and not (key == "command" and run.prepare_argv and _made_by_prepare(argv[0], self.root)):
+                problem = _program_problem(argv[0], self.root)
+                if problem:
+                    raise ConfigError(f"{config_mod.CONFIG_NAME}: run.{key}: {problem}; nothing was run")
+        files = self.ws.read_files()  # the editable files are there (WorkspaceError if not)
+        if self.cfg.proposer.kind == "offline" and self.state.current() is None:
+            from .proposers.offline import find_constants
+            if not any(find_constants(text, path) for path, text in files.items()):
+                raise WorkspaceError(
+                    f"the offline proposer has nothing to tune: {', '.join(files)} has no top-level "
+                    "UPPERCASE numeric constant (like `LEARNING_RATE = 0.04`); add some, or set "
+                    "proposer.kind to anthropic or command")
 
     def _check_workspace(self) -> None:
         cur = self.state.current()
@@ -342,12 +400,26 @@ class Daemon:
 
     def _status(self) -> str:
         elapsed = time.monotonic() - self._run_started if self._run is not None else None
-        return status_line(self.state, elapsed, self.cfg.run.budget_seconds)
+        shown = str(progress.read(self._run.log_path)) if self._run is not None else ""
+        return status_line(self.state, elapsed, self.cfg.run.budget_seconds, shown)
+
+    def live_line(self) -> str | None:
+        """The run in flight (the experiment's, or prepare_command's), for a person watching the
+        terminal: elapsed/budget and what the run's own output says; None when nothing runs."""
+        run = self._run
+        if run is None:
+            return None
+        cur = self.state.current()
+        if cur is not None and cur.state == "training":
+            return self._status()
+        last = progress.last_lines(progress.tail(run.log_path, 4096), count=1, width=100)
+        return f"{self.machines.daemon.state} {fmt_duration(time.monotonic() - self._run_started)}" + (
+            f" · {last}" if last else "")
 
     # ------------------------------------------------------------------ lifecycle
 
     def run(self) -> int:
-        self._open()
+        self.open()
         self.machines = Machines(self._record, self.state.daemon)
         try:
             self._install_signals()
@@ -598,6 +670,8 @@ class Daemon:
     def _service(self) -> None:
         """Signals, inbox, program.md, config reload, watchdog. Called every tick."""
         self.watchdog.tick()
+        if self.on_tick is not None:
+            self.on_tick()  # e.g. the live line on a terminal (cli.py)
         if self._run is not None and time.monotonic() - self._status_sent >= STATUS_REFRESH_S:
             self._send_status()  # the run's clock in `systemctl status` moves on
         flags, self._flags = self._flags, set()
@@ -710,7 +784,7 @@ class Daemon:
     def _prepare(self) -> None:
         d = self.machines.daemon
         argv = self.cfg.run.prepare_argv
-        if argv:
+        if argv and not self._prepared:  # once per start; again only after it failed or was cut short
             self.notifier.extend_timeout(int((self.cfg.run.hard_deadline + 30) * 1e6))
             run = Run.start(argv, self.root, self.state_dir / "prepare.log", self.cfg.run.hard_deadline,
                             self.cfg.run.log_max_bytes, SandboxSpec("off", 0, 0, 0),  # it may download
@@ -729,6 +803,12 @@ class Daemon:
                 lines = result.log_tail.strip().splitlines()
                 self._block(f"prepare failed: {lines[-1] if lines else 'exit ' + str(result.exit_code)}")
                 return
+            self._prepared = True
+        problem = _program_problem(self.cfg.run.argv[0], self.root)
+        if problem:  # a program prepare_command was to make (see _preflight)
+            self._prepared = False
+            self._block(f"run.command: {problem} (after prepare_command)")
+            return
         d.fire("resume_loop" if self.state.baseline_done else "begin_baseline")
 
     def _block(self, reason: str, retry_after: float | None = None) -> None:
@@ -803,6 +883,17 @@ class Daemon:
                        threshold=threshold)
             elif d.state == "baseline":
                 self._block(f"baseline run failed: {exp.reason}")
+
+    def _baseline_failed(self, cur, model, failure: str, result: RunResult) -> None:
+        """Nothing is measured until the baseline runs: block, then run this same experiment again
+        (not a new number per attempt). The reason carries the run's last lines: they say why."""
+        tail = progress.last_lines(result.log_tail)
+        model.fire("fail", reason=f"{failure}: {tail}" if tail else failure, runs=cur.runs)
+        self._reset(cur.commit)  # whatever the run left in the worktree
+        self._session_experiments += 1  # an outcome in this invocation (--max-experiments)
+        exp = self.state.experiments[cur.n]
+        if self.machines.daemon.state == "baseline":
+            self._block(f"baseline run failed ({exp.failed_runs}x): {exp.failure}")
 
     def _skip(self, cur, model) -> None:
         rid, self._skip_request = self._skip_request, None
@@ -1129,6 +1220,9 @@ class Daemon:
             model.fire("interrupt", reason="result lost")
             return
         failure = _failure(result)
+        if failure and cur.kind == "baseline":
+            self._baseline_failed(cur, model, failure, result)
+            return
         if failure:
             model.fire("crash", reason=failure)
             return

@@ -21,6 +21,7 @@ Payload keys, by trigger (experiment machine):
   rerun      like launch (noise runs of the baseline)
   finish     exit_code, signal, timed_out, killed, metric, memory_gb, duration_s, log_tail
   keep/discard/crash/reject/skip/give_up   reason, metric
+  fail       reason, runs   (the baseline's run failed: the daemon blocks, then retries the same experiment)
   interrupt  reason
 Daemon machine:
   boot       pid, version, profile, program_hash, config_hash, branch, overrides (run --proposer)
@@ -76,6 +77,7 @@ EXPERIMENT_TRANSITIONS = [
     {"trigger": "keep", "source": "judging", "dest": "kept"},
     {"trigger": "discard", "source": "judging", "dest": "discarded"},
     {"trigger": "crash", "source": "judging", "dest": "crashed"},
+    {"trigger": "fail", "source": "judging", "dest": "interrupted"},  # a baseline's failed run: retried
     {"trigger": "skip", "source": _LIVE, "dest": "discarded"},
     {"trigger": "interrupt", "source": _LIVE, "dest": "interrupted"},
     {"trigger": "retry", "source": "interrupted", "dest": "committed"},

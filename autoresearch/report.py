@@ -47,10 +47,12 @@ def fmt_duration(seconds: float) -> str:
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
-def status_line(state: State, run_elapsed: float | None = None, budget: float | None = None) -> str:
+def status_line(state: State, run_elapsed: float | None = None, budget: float | None = None,
+                progress: str = "") -> str:
     """One line for sd_notify STATUS= and `autoresearch status`.
 
-    e.g. `exp 42 training 3:12/5:00 · best 0.981200 · 9 kept / 41`
+    e.g. `exp 42 training 3:12/5:00 step 410 · loss 3.2100 · best 0.981200 · 9 kept / 41`
+    (`progress`: what the run's own output says, already cleaned; see progress.py)
     """
     parts = []
     cur = state.current()
@@ -65,10 +67,14 @@ def status_line(state: State, run_elapsed: float | None = None, budget: float | 
         text = f"exp {cur.n} {cur.state}"
         if cur.kind == "baseline":
             text = f"baseline (exp {cur.n}) {cur.state}"
+            if cur.failed_runs:
+                text += f" after {cur.failed_runs} failed run{'s' if cur.failed_runs > 1 else ''}"
         if cur.state == "training" and run_elapsed is not None:
             text += f" {fmt_duration(run_elapsed)}"
             if budget:
                 text += f"/{fmt_duration(budget)}"
+            if progress:
+                text += f" {progress}"
         parts.append(text)
     parts.append(f"best {fmt_metric(state.best_metric)}")
     counts = state.counts()
@@ -175,7 +181,8 @@ def experiment_text(exp: Experiment, diff: str | None = None, tail_chars: int = 
     return "\n".join(lines)
 
 
-def status_text(state: State, workspace: str, daemon_pid: int | None) -> str:
+def status_text(state: State, workspace: str, daemon_pid: int | None, run_elapsed: float | None = None,
+                budget: float | None = None, progress: str = "") -> str:
     cur = state.current()
     lines = [
         f"workspace:  {workspace}",
@@ -185,9 +192,12 @@ def status_text(state: State, workspace: str, daemon_pid: int | None) -> str:
         lines.append(f"reason:     {state.reason}")
     if state.retry_at:
         lines.append(f"retry at:   {state.retry_at}")
-    lines.append(f"now:        {status_line(state)}")
+    lines.append(f"now:        {status_line(state, run_elapsed, budget, progress)}")
     if cur is not None:
         lines.append(f"current:    exp {cur.n} {cur.state}: {cur.description or '-'}")
+        if cur.failed_runs:
+            lines.append(f"baseline:   {cur.failed_runs} failed run{'s' if cur.failed_runs > 1 else ''} of "
+                         f"exp {cur.n}, retried after each block; last: {cur.failure}")
     best = state.experiments.get(state.best_n) if state.best_n is not None else None
     if best is not None:
         lines.append(f"best:       {fmt_metric(state.best_metric)} (exp {best.n}, {(best.commit or '')[:7]}: "

@@ -37,6 +37,10 @@ class Experiment:
     metrics: list[float] = field(default_factory=list)  # one per finished run (noise runs)
     memory_gb: float | None = None
     runs: int = 0  # launches (reruns and retries included)
+    launched: str = ""  # when the latest run was launched (UTC ISO)
+    log: str = ""  # the latest run's output log, relative to the workspace
+    failed_runs: int = 0  # a baseline's failed runs (each retried as this same experiment)
+    failure: str = ""  # why the latest of them failed
     interrupts: int = 0
     reason: str = ""  # why it ended as it did
     log_tail: str = ""
@@ -190,6 +194,7 @@ def apply(state: State, event) -> State:
     elif t in ("launch", "rerun"):
         exp.runs += 1
         exp.sandbox = p.get("sandbox", exp.sandbox)
+        exp.launched, exp.log = event.time, p.get("log", "")
     elif t == "finish":
         exp.log_tail = p.get("log_tail", "")
         if p.get("metric") is not None:
@@ -200,6 +205,9 @@ def apply(state: State, event) -> State:
         exp.reason = p.get("reason", "")
     if t == "reject" and p.get("description"):  # rejected before `proposed`: its own description
         exp.description = p["description"]
+    elif t == "fail":
+        exp.failed_runs += 1
+        exp.reason = exp.failure = p.get("reason", "")
     if exp.terminal:
         exp.ended = event.time
         exp.reason = p.get("reason", exp.reason)

@@ -14,6 +14,7 @@ import functools
 import hashlib
 import os
 import re
+import shlex
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -106,7 +107,9 @@ class Workspace:
         root = Path(root)
         if not _TAG_RE.match(tag) or ".." in tag or tag.endswith(".lock"):
             raise WorkspaceError(f"invalid tag {tag!r}: use letters, digits, '.', '_' and '-'")
-        if root.exists() and (not root.is_dir() or any(root.iterdir())):
+        if root.exists() and not root.is_dir():
+            raise WorkspaceError(f"{root} is a file, not a directory; name a new or empty directory")
+        if root.exists() and any(root.iterdir()):
             raise WorkspaceError(f"{root} already exists and is not empty")
         all_files = dict(files)
         if config_text is not None:
@@ -164,9 +167,7 @@ class Workspace:
         try:
             repo = Repo(root)
         except (git.InvalidGitRepositoryError, git.NoSuchPathError):
-            raise WorkspaceError(
-                f"{root} is not the top level of a git repository (use `autoresearch init`)"
-            ) from None
+            raise WorkspaceError(_not_a_repo(root)) from None
         try:
             if repo.bare:
                 raise WorkspaceError(f"{root} is a bare git repository; a workspace needs a worktree")
@@ -556,6 +557,19 @@ class Workspace:
 
 
 # ---------------------------------------------------------------------- helpers
+def _not_a_repo(root: Path) -> str:
+    """Why `root` cannot be opened as a repository, and what to do (`init` refuses a used directory)."""
+    try:
+        outer = Repo(root, search_parent_directories=True)
+    except (git.InvalidGitRepositoryError, git.NoSuchPathError):
+        return (f"{root} is not a git repository; make it one: cd {shlex.quote(str(root))} && git init && git add -A && "
+                "git commit -m start (`autoresearch init` only creates new workspaces)")
+    top = outer.working_tree_dir
+    outer.close()
+    return (f"{root} is inside the git repository {top}, not its top level; a workspace is the top "
+            "level of a repository of its own")
+
+
 def blob_sha(text: str) -> str:
     """The git blob id of ``text`` encoded as UTF-8 (what `git hash-object` prints)."""
     data = text.encode("utf-8")

@@ -2,18 +2,19 @@
 
 import math
 import os
+import sys
 
 import pytest
 
 from autoresearch.control import WorkspaceLock
 from autoresearch.daemon import Daemon
-from autoresearch.errors import LockedError, WorkspaceError
+from autoresearch.errors import ConfigError, LockedError, WorkspaceError
 from autoresearch.eventlog import verify_path
 from autoresearch.report import results_rows
 from autoresearch.workspace import Workspace
 
-from daemon_fixtures import (TRAIN, ScriptedProposer, edited, events, factory, git, make_workspace, state,
-                             tagged_processes)
+from daemon_fixtures import (TRAIN, ScriptedProposer, cli, edited, events, factory, git, make_workspace,
+                             state, tagged_processes)
 
 
 def run_daemon(root, proposer=None, n=3, cls=Daemon):
@@ -288,3 +289,82 @@ def test_history_shows_changes_and_a_repeat_is_rejected_without_a_run(tmp_path):
     assert rows[1].change == "LEARNING_RATE 0.04→0.001" and rows[0].change == ""
     assert "| 1 | discarded |" in experiment_prompt(proposer.contexts[2])
     assert "| LEARNING_RATE 0.04→0.001 | scripted edit 1 |" in experiment_prompt(proposer.contexts[2])
+
+
+# -- preflight and a failing baseline (what a typo costs)
+
+@pytest.mark.parametrize("tables,message", [
+    ({"run": {"command": "pythn train.py"}}, "run.command: pythn: command not found"),
+    ({"run": {"command": "./nope.sh"}}, "run.command: ./nope.sh: no such file"),
+    ({"run": {"command": "train.py"}}, "run.command: train.py: command not found"),
+    ({"run": {"prepare_command": "prep-missing --now"}}, "run.prepare_command: prep-missing: command not found"),
+    ({"run": {"editable": ["train.py", "other.py"]}}, "editable file other.py is not committed"),
+])
+def test_preflight_refuses_before_any_run(tmp_path, tables, message):
+    root = make_workspace(tmp_path / "ws", **tables)
+    with pytest.raises((ConfigError, WorkspaceError), match=message):
+        Daemon(root, max_experiments=1).run()
+    assert not (root / ".autoresearch").exists()  # no log, no run, no baseline
+
+
+def test_preflight_refuses_an_offline_search_with_nothing_to_tune(tmp_path):
+    root = make_workspace(tmp_path / "ws", train='print("val_bpb: 1.0")\n')
+    with pytest.raises(WorkspaceError, match="offline proposer has nothing to tune: train.py has no top-level"):
+        Daemon(root, max_experiments=1).run()
+    assert not (root / ".autoresearch").exists()
+    # An agent needs no constants.
+    root = make_workspace(tmp_path / "ws2", train='print("val_bpb: 1.0")\n', proposer={"kind": "command"},
+                          command={"argv": ["true"]})
+    run_daemon(root, ScriptedProposer([{"train.py": 'print("val_bpb: 0.5")\n'}]), n=1)
+    assert state(root).best_metric == 0.5
+
+
+def test_a_program_that_prepare_command_makes_is_checked_after_it(tmp_path):
+    # The run command is a relative path that does not exist until preparation made it (a venv).
+    prep = "sh -c 'mkdir -p env && printf \"#!/bin/sh\\nexec %s \\\"\\$@\\\"\\n\" \"$0\" > env/py && chmod +x env/py' " \
+        + sys.executable
+    root = make_workspace(tmp_path / "ws", run={"command": "env/py train.py", "prepare_command": prep})
+    (root / ".git" / "info" / "exclude").write_text("env/\n")
+    run_daemon(root, n=1)
+    st = check_invariants(root)
+    assert st.experiments[0].state == "kept" and st.experiments[1].terminal
+
+
+FLAKY = TRAIN.replace("loss = ", """marker = os.environ["AUTORESEARCH_TEST_MARK"]
+if not os.path.exists(marker):
+    open(marker, "w").close()
+    print("boom: the first run fails\\n" + "\\x1b[31mred\\x1b[0m")
+    sys.exit(3)
+loss = """, 1)
+
+
+def test_a_failed_baseline_blocks_and_retries_as_the_same_experiment_preparing_once(tmp_path, monkeypatch):
+    count = tmp_path / "prepared"
+    monkeypatch.setenv("AUTORESEARCH_TEST_MARK", str(tmp_path / "mark"))
+    root = make_workspace(tmp_path / "ws", train=FLAKY,
+                          run={"prepare_command": f"sh -c 'echo x >> {count}'"})
+    # The failed baseline run is an outcome of this session, like experiment 1.
+    run_daemon(root, n=2)
+    st = check_invariants(root)
+    assert sorted(st.experiments) == [0, 1] and st.baseline_n == 0
+    base = st.experiments[0]
+    assert base.state == "kept" and base.runs == 2 and base.failed_runs == 1 and "exit code 3" in base.failure
+    assert (root / ".autoresearch" / "runs" / "0.log").exists() and (root / ".autoresearch" / "runs" / "0-2.log").exists()
+    block = [e for e in events(root) if e.trigger == "block"]
+    assert len(block) == 1 and "baseline run failed (1x): exit code 3: boom: the first run fails | red" \
+        == block[0].payload["reason"]  # the run's last lines, escape sequences removed
+    # prepare_command ran once in this daemon start, not again after the block it did not cause.
+    assert count.read_text() == "x\n"
+
+
+def test_a_failing_baseline_ends_max_experiments_and_shows_in_status(tmp_path):
+    crash = TRAIN.replace("loss = ", 'print("Traceback: ModuleNotFoundError: no module named nump")\nsys.exit(1)\nloss = ', 1)
+    root = make_workspace(tmp_path / "ws", train=crash)
+    for attempt in (1, 2):
+        out = cli("run", str(root), "--max-experiments", "1", timeout=60)
+        assert out.returncode == 0, out.stderr
+        st = state(root)
+        assert sorted(st.experiments) == [0] and st.experiments[0].failed_runs == attempt
+        status = cli("status", str(root)).stdout
+        assert f"{attempt} failed run" in status and "no module named nump" in status, status
+    assert "baseline (exp 0) interrupted after 2 failed runs" in out.stderr

@@ -97,7 +97,11 @@ def test_open_errors_are_one_line(tmp_path):
     git(tmp_path, "init", "-q", str(empty))
     bare = tmp_path / "bare.git"
     git(tmp_path, "init", "-q", "--bare", str(bare))
-    cases = [(plain, "not the top level of a git repository"),
+    inner = empty / "sub"
+    inner.mkdir(parents=True)
+    # `init` refuses a used directory, so the advice for a plain one is git's own init.
+    cases = [(plain, "is not a git repository; make it one: cd .*plain && git init && git add -A"),
+             (inner, f"inside the git repository {empty}, not its top level"),
              (tmp_path / "missing", "no such directory"),
              (empty, "no commits"), (bare, "bare")]
     for root, msg in cases:
