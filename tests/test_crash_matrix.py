@@ -112,6 +112,12 @@ def _prepare_fails_once(case, point, trigger):
     return case.run("--max-experiments", "1", crash=point, timeout=120).returncode
 
 
+def _baseline_fails_once(case, point, trigger):
+    """The baseline's run crashes: the daemon blocks and will run experiment 0 again (`fail`)."""
+    case.mode.write_text("crash")
+    return case.run("--max-experiments", "1", crash=point).returncode
+
+
 def _caps(case, point, trigger):
     return case.run(crash=point).returncode  # limits.max_experiments ends it
 
@@ -174,6 +180,7 @@ SCENARIOS = {
     "give_up": ({"limits": {"max_interrupts": 0}}, None, _from("post:start")),
     "noise_runs": ({"judge": {"noise_runs": 1}}, None, _plain),
     "prepare_fails_once": ("prepare", None, _prepare_fails_once),
+    "baseline_fails_once": ({}, None, _baseline_fails_once),
     "caps": ({"limits": {"max_experiments": 1}}, None, _caps),
     "scripted_agent": ("agent", None, _scripted_agent),
     "requests": ({}, None, _requests),
@@ -189,6 +196,7 @@ REACHES = {
     "interrupt": ("interrupted_proposing", 1), "repropose": ("interrupted_proposing", 1),
     "retry": ("interrupted_committed", 1), "give_up": ("give_up", 1), "rerun": ("noise_runs", 1),
     "block": ("prepare_fails_once", 1), "unblock": ("prepare_fails_once", 1), "exhaust": ("caps", 1),
+    "fail": ("baseline_fails_once", 1),
     "reject": ("scripted_agent", 1), "crash": ("scripted_agent", 1), "discard": ("scripted_agent", 1),
     "pause": ("requests", 1), "resume": ("requests", 1), "skip": ("requests", 1),
 }

@@ -2,6 +2,7 @@
 
 import math
 import os
+import signal
 import sys
 
 import pytest
@@ -13,8 +14,8 @@ from autoresearch.eventlog import verify_path
 from autoresearch.report import results_rows
 from autoresearch.workspace import Workspace
 
-from daemon_fixtures import (TRAIN, ScriptedProposer, cli, edited, events, factory, git, make_workspace,
-                             state, tagged_processes)
+from daemon_fixtures import (TRAIN, ScriptedProposer, cli, current, edited, events, factory, git, make_workspace,
+                             spawn_daemon, state, tagged_processes, wait_for)
 
 
 def run_daemon(root, proposer=None, n=3, cls=Daemon):
@@ -368,3 +369,4 @@ def test_a_failing_baseline_ends_max_experiments_and_shows_in_status(tmp_path):
         status = cli("status", str(root)).stdout
         assert f"{attempt} failed run" in status and "no module named nump" in status, status
     assert "baseline (exp 0) interrupted after 2 failed runs" in out.stderr
+

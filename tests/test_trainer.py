@@ -292,14 +292,24 @@ def run_train(ws: Path, cache_dir: Path, budget: str, timeout: float = 120) -> s
 def test_train_py_end_to_end_on_stdlib(tmp_path, cache):
     ws = workspace(tmp_path / "lab")
     (ws / "train.py").write_text(workload_files("cpu")["train.py"])
-    run = run_train(ws, cache, "3")
-    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    # Streamed, to see when each line arrives: never silent for much longer than 5 s, whether a
+    # step takes 0.1 s or 10 s (a busy 2-core machine), during imports and evaluation too.
+    proc = subprocess.Popen([PYTHON, "train.py"], cwd=ws, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=subprocess_env(cache, AUTORESEARCH_TIME_BUDGET="7"))
+    arrivals, lines = [time.monotonic()], []
+    for line in proc.stdout:
+        arrivals.append(time.monotonic())
+        lines.append(line)
+    assert proc.wait(timeout=120) == 0, "".join(lines)[-3000:]
+    stdout = "".join(lines)
+    gaps = [b - a for a, b in zip(arrivals, arrivals[1:])]
+    assert max(gaps) < 6.5, (gaps, stdout[-3000:])
+    assert re.search(r"^step +\d+ \| loss [0-9.]+ \| .*\d+s since start$", stdout, re.M), stdout[-3000:]
+    run = subprocess.CompletedProcess(proc.args, 0, stdout, "")
     summary = dict(re.findall(r"^(\w+):\s+(\S+)$", run.stdout.split("\n---\n", 1)[1], re.M))
-    assert set(summary) == {"val_bpb", "training_seconds", "total_seconds", "peak_vram_mb", "mfu_percent",
-                            "total_tokens_M", "num_steps", "num_params_M", "depth"}
     val_bpb = float(re.findall(METRIC_RE, run.stdout, re.M)[-1])
     assert float(re.findall(MEMORY_RE, run.stdout, re.M)[-1]) > 0
-    assert 3.0 <= float(summary["training_seconds"]) < 60 and int(summary["num_steps"]) >= 1
+    assert 7.0 <= float(summary["training_seconds"]) < 90 and int(summary["num_steps"]) >= 1
     # It learned: better than the uniform distribution over the vocabulary on the same bytes.
     entry = harness.load(ws).entry
     meta = json.loads((entry / "meta.json").read_text())
