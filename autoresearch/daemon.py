@@ -131,11 +131,6 @@ def _check_strict(cfg: config_mod.Config) -> None:
             raise ConfigError(f"sandbox.mode = 'strict' but bubblewrap cannot run here: {why}")
 
 
-def _made_by_prepare(program: str, cwd: Path) -> bool:
-    """A relative path to a program that does not exist yet: prepare_command may create it."""
-    return "/" in program and not Path(program).is_absolute() and not (cwd / program).exists()
-
-
 def _program_problem(program: str, cwd: Path) -> str:
     """'' when a run could start `program` (its argv[0]) in `cwd` with the run's PATH, else why not."""
     if program in ("python", "python3"):
@@ -295,11 +290,15 @@ class Daemon:
         programs exist, and the offline proposer has constants to tune."""
         run = self.cfg.run
         for key, argv in (("prepare_command", run.prepare_argv), ("command", run.argv)):
-            # A relative path may be made by prepare_command (a venv): checked again after it ran.
-            if argv and not (key == "command" and run.prepare_argv and _made_by_prepare(argv[0], self.root)):
-                problem = _program_problem(argv[0], self.root)
-                if problem:
-                    raise ConfigError(f"{config_mod.CONFIG_NAME}: run.{key}: {problem}; nothing was run")
+            if not argv:
+                continue
+            program = argv[0]
+            problem = _program_problem(program, self.root)
+            if not problem and key == "command" and "/" in program and not Path(program).is_absolute() \
+                    and not self.ws.repo.git.ls_files("--", program):
+                problem = f"{program}: not committed (a run sees only the files of its commit)"
+            if problem:
+                raise ConfigError(f"{config_mod.CONFIG_NAME}: run.{key}: {problem}; nothing was run")
         files = self.ws.read_files()  # the editable files are there (WorkspaceError if not)
         if self.cfg.proposer.kind == "offline" and self.state.current() is None:
             from .proposers.offline import find_constants
@@ -804,11 +803,6 @@ class Daemon:
                 self._block(f"prepare failed: {lines[-1] if lines else 'exit ' + str(result.exit_code)}")
                 return
             self._prepared = True
-        problem = _program_problem(self.cfg.run.argv[0], self.root)
-        if problem:  # a program prepare_command was to make (see _preflight)
-            self._prepared = False
-            self._block(f"run.command: {problem} (after prepare_command)")
-            return
         d.fire("resume_loop" if self.state.baseline_done else "begin_baseline")
 
     def _block(self, reason: str, retry_after: float | None = None) -> None:

@@ -320,12 +320,20 @@ def test_preflight_refuses_an_offline_search_with_nothing_to_tune(tmp_path):
     assert state(root).best_metric == 0.5
 
 
-def test_a_program_that_prepare_command_makes_is_checked_after_it(tmp_path):
-    # The run command is a relative path that does not exist until preparation made it (a venv).
-    prep = "sh -c 'mkdir -p env && printf \"#!/bin/sh\\nexec %s \\\"\\$@\\\"\\n\" \"$0\" > env/py && chmod +x env/py' " \
-        + sys.executable
-    root = make_workspace(tmp_path / "ws", run={"command": "env/py train.py", "prepare_command": prep})
-    (root / ".git" / "info" / "exclude").write_text("env/\n")
+def test_a_relative_program_must_be_committed(tmp_path):
+    # A run sees only its commit's files (its own checkout): an ignored or untracked program is not there.
+    script = f"#!/bin/sh\nexec {sys.executable} \"$@\"\n"
+    root = make_workspace(tmp_path / "ws", run={"command": "bin/py train.py"})
+    (root / "bin").mkdir()
+    (root / "bin" / "py").write_text(script)
+    (root / "bin" / "py").chmod(0o755)
+    (root / ".git" / "info" / "exclude").write_text("bin/\n")
+    with pytest.raises(ConfigError, match="run.command: bin/py: not committed"):
+        Daemon(root, max_experiments=1).run()
+    assert not (root / ".autoresearch").exists()
+    (root / ".git" / "info" / "exclude").write_text("")
+    git(root, "add", "bin/py")
+    git(root, "commit", "-qm", "a launcher")
     run_daemon(root, n=1)
     st = check_invariants(root)
     assert st.experiments[0].state == "kept" and st.experiments[1].terminal
