@@ -8,7 +8,7 @@ const SVGNS = "http://www.w3.org/2000/svg";
 const OUTCOMES = ["kept", "discarded", "skipped", "crashed", "rejected"];  // report.outcome's names
 const S = {
   workspace: "", header: null, rows: new Map(), timeline: [], events: [], seq: -1,
-  filter: "all", sort: { key: "n", dir: -1 }, zoom: null, detail: null, loading: false, pending: [],
+  filter: "all", sort: { key: "n", dir: -1 }, page: 0, zoom: null, detail: null, loading: false, pending: [],
   clockBase: 0, dirty: new Set(),
 };
 
@@ -145,30 +145,43 @@ function showError(err) {
   live.className = "live";
 }
 
-// A burst of events (several a second from a fast workload) is drawn at most twice a second:
-// the page stays live (well within 2 s) without taking CPU from the daemon on a small machine.
-const RENDER_EVERY_MS = 500;
-let renderQueued = false, lastRender = 0;
+// What a new event changes is shown at once (header, slots, the event list: small), while the
+// chart and the table, which cost the browser far more, are redrawn at most once a second: a
+// fast workload's bursts of events stay live without taking CPU from the daemon on a small machine.
+const HEAVY_EVERY_MS = 1000;
+let lightQueued = false, heavyQueued = false, lastHeavy = 0;
 function scheduleRender() {
-  if (renderQueued) return;
-  renderQueued = true;
-  const wait = Math.max(0, lastRender + RENDER_EVERY_MS - performance.now());
-  setTimeout(() => requestAnimationFrame(() => { renderQueued = false; lastRender = performance.now(); renderAll(); }), wait);
+  if (!lightQueued) {
+    lightQueued = true;
+    requestAnimationFrame(() => { lightQueued = false; renderLight(); });
+  }
+  if (!heavyQueued) {
+    heavyQueued = true;
+    const wait = Math.max(0, lastHeavy + HEAVY_EVERY_MS - performance.now());
+    setTimeout(() => requestAnimationFrame(() => { heavyQueued = false; lastHeavy = performance.now(); renderHeavy(); }), wait);
+  }
 }
 
-function renderAll() {
+function renderLight() {
   if (!S.header) return;
   document.getElementById("workspace").textContent = S.workspace;
   document.title = `autoresearch · ${S.header.daemon} · best ${fmtMetric(S.header.best)}`;
   renderHeader();
   renderSlots();
-  if (S.detail === null) {
-    renderChart();
-    renderTimeline();
-    renderFilters();
-    renderTable();
-    renderEvents();
-  }
+  if (S.detail === null) renderEvents();
+}
+
+function renderHeavy() {
+  if (!S.header || S.detail !== null) return;
+  renderChart();
+  renderTimeline();
+  renderFilters();
+  renderTable();
+}
+
+function renderAll() {
+  renderLight();
+  renderHeavy();
 }
 
 // ---------------------------------------------------------------- header and slots
@@ -454,9 +467,26 @@ function renderFilters() {
   const box = document.getElementById("filters");
   box.replaceChildren(...["all", ...OUTCOMES, "in flight"].map((f) => {
     const b = el("button", { type: "button", class: S.filter === f ? "on" : "", "data-filter": f, text: `${f} ${counts[f] || 0}` });
-    b.addEventListener("click", () => { S.filter = f; renderFilters(); renderTable(); });
+    b.addEventListener("click", () => { S.filter = f; S.page = 0; renderFilters(); renderTable(); });
     return b;
   }));
+}
+
+const PAGE_ROWS = 100;
+
+function renderPager(total, pages) {
+  const box = document.getElementById("pager");
+  if (pages <= 1) { box.replaceChildren(); return; }
+  const go = (p) => { S.page = p; renderTable(); };
+  const btn = (text, page, disabled) => {
+    const b = el("button", { type: "button", text, disabled, "data-page": String(page) });
+    b.addEventListener("click", () => go(page));
+    return b;
+  };
+  const first = S.page * PAGE_ROWS + 1, last = Math.min(total, (S.page + 1) * PAGE_ROWS);
+  box.replaceChildren(btn("‹ newer", S.page - 1, S.page === 0),
+    el("span", { class: "muted", id: "page-info", text: ` ${first}–${last} of ${total} ` }),
+    btn("older ›", S.page + 1, S.page >= pages - 1));
 }
 
 function renderTable() {
@@ -471,8 +501,14 @@ function renderTable() {
     if (vb === null || vb === undefined) return -1;
     return (va < vb ? -1 : 1) * dir;
   });
+  // One page of rows at a time: a thousand rows cost the browser more to lay out than the rest.
+  const pages = Math.max(1, Math.ceil(rows.length / PAGE_ROWS));
+  S.page = Math.min(S.page, pages - 1);
+  const shown = rows.slice(S.page * PAGE_ROWS, (S.page + 1) * PAGE_ROWS);
+  renderPager(rows.length, pages);
   const body = document.querySelector("#experiments tbody");
-  body.replaceChildren(...rows.map((r) => {
+  body.parentElement.dataset.rows = String(rows.length);
+  body.replaceChildren(...shown.map((r) => {
     const tr = el("tr", { "data-n": String(r.n), "data-state": outcomeOf(r) },
       el("td", { class: "num", text: String(r.n) }),
       el("td", {}, el("span", { class: "badge " + (r.terminal ? r.outcome : r.state), text: r.terminal ? r.outcome : r.state })),
@@ -493,6 +529,7 @@ for (const th of document.querySelectorAll("#experiments th")) {
   th.addEventListener("click", () => {
     const key = th.dataset.key;
     S.sort = S.sort.key === key ? { key, dir: -S.sort.dir } : { key, dir: key === "n" ? -1 : 1 };
+    S.page = 0;
     renderTable();
   });
 }
