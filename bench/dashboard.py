@@ -1,6 +1,6 @@
 """Dashboard figures: page load with 1,000 experiments, the server's memory, the loop with the page open.
 
-    python bench/dashboard.py [--experiments 1000] [--loads 7] [--loop-experiments 40] [--rounds 2]
+    python bench/dashboard.py [--experiments 1000] [--loads 7] [--loop-experiments 40] [--rounds 3]
 
 1. Page load: a workspace whose event log holds N experiments (written here through
    EventLog.append, as the daemon writes them: every transition legal, each proposal's
@@ -127,6 +127,12 @@ def page_load(driver, url: str, points: int, rows: int) -> tuple[float, float]:
     return mark / 1000, time.perf_counter() - t0
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def rss_mb(pid: int) -> tuple[float, float]:
     fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
     return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
@@ -137,7 +143,7 @@ def main() -> None:
     ap.add_argument("--experiments", type=int, default=1000)
     ap.add_argument("--loads", type=int, default=7)
     ap.add_argument("--loop-experiments", type=int, default=40)
-    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
     structlog.configure(logger_factory=structlog.ReturnLoggerFactory())
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}")
@@ -167,7 +173,7 @@ def main() -> None:
             finally:
                 dash.stop()
 
-            without, with_open = [], []
+            without, with_open, server_cpu = [], [], []
             for r in range(args.rounds):
                 for open_page in (False, True):
                     ws = make_workspace(tmp / f"loop-{r}-{int(open_page)}")
@@ -175,16 +181,24 @@ def main() -> None:
                     if open_page:
                         dash = Dashboard(ws)
                         driver.get(dash.url)
+                        time.sleep(2)  # started and settled: what is measured is the page following the loop
+                        cpu0 = cpu_seconds(dash.proc.pid)
                     try:
                         events, _ = run_daemon(ws, args.loop_experiments)
                     finally:
                         if dash is not None:
+                            time.sleep(1.5)  # the last events reach the page
                             shown = driver.execute_script("return document.getElementById('seq').textContent")
+                            used = cpu_seconds(dash.proc.pid) - cpu0
                             dash.stop()
                     overhead = measure(events)[0]
                     (with_open if open_page else without).extend(overhead)
                     label = "with the page open" if open_page else "without the dashboard"
-                    extra = f"; the page showed event {shown} of {len(events)}" if open_page else ""
+                    extra = ""
+                    if open_page:
+                        server_cpu.append(used * 1000 / args.loop_experiments)
+                        extra = (f"; the page showed event {shown} of {len(events)}; the server used "
+                                 f"{server_cpu[-1]:.1f} ms CPU per experiment")
                     print(f"  round {r + 1}, {label}: loop overhead median {statistics.median(overhead):.0f} ms{extra}")
             if not args.rounds:
                 return
