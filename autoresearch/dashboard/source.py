@@ -5,7 +5,7 @@ Nothing here writes to the workspace or takes a lock the daemon could trip on:
   statement (a read transaction held open would keep the daemon's WAL from being
   checkpointed);
 - whether the daemon is alive is read from /proc/locks (who holds the flock on
-  daemon.lock), never by trying the lock ourselves: a probe, however brief, could make
+  the state directory), never by trying the lock ourselves: a probe, however brief, could make
   a daemon starting at that instant believe another one is running;
 - diffs come from `git diff` between two commits, without optional locks and with
   repository-supplied programs (external diff, textconv, hooks) disabled.
@@ -126,17 +126,17 @@ class LogReader:
 
 
 def daemon_pid(state_dir: Path) -> int | None:
-    """PID of the daemon holding the workspace lock, found without touching the lock."""
-    path = Path(state_dir) / LOCK_NAME
+    """PID of the daemon holding the workspace lock (an flock on the state directory itself, see
+    control.WorkspaceLock), found without touching the lock."""
     try:
-        st = os.stat(path)
+        st = os.stat(state_dir)
     except FileNotFoundError:
         return None
     try:
         with open("/proc/locks", encoding="ascii", errors="replace") as fh:
             locks = fh.read().splitlines()
     except OSError:
-        return _pid_from_file(path)  # no /proc (macOS): the PID written in the file, if alive
+        return _pid_from_file(Path(state_dir) / LOCK_NAME)  # no /proc (macOS): the PID it wrote, if alive
     wanted = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
     for line in locks:
         fields = line.split()
@@ -148,8 +148,7 @@ def daemon_pid(state_dir: Path) -> int | None:
 
 def _pid_from_file(path: Path) -> int | None:
     try:
-        text = path.read_text().strip()
-        pid = int(text)
+        pid = int(path.read_text().strip())
         os.kill(pid, 0)
         return pid
     except (OSError, ValueError):
