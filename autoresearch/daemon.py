@@ -563,10 +563,16 @@ class Daemon:
         """Make the main database file hold everything, then anchor the log's head in git."""
         if self.log is None or not self.state.seq:
             return
-        self.log.checkpoint()
-        if not self.lock.path.exists():
-            self.lock.write_pid()  # someone deleted it: readers still want the PID
-        self.ws.anchor(self.state.seq, self.state.hash, max(self.state.experiments, default=None))
+        # Neither is needed for the log to be true (the WAL holds every event until a checkpoint
+        # succeeds; an older anchor is still right): a full disk here is logged, never fatal.
+        try:
+            self.log.checkpoint()
+            if not self.lock.path.exists():
+                self.lock.write_pid()  # someone deleted it: readers still want the PID
+            self.ws.anchor(self.state.seq, self.state.hash, max(self.state.experiments, default=None))
+        except (sqlite3.Error, OSError, WorkspaceError) as exc:
+            log.error("could not checkpoint the log or anchor it in git; the next outcome retries",
+                      seq=self.state.seq, error=str(exc))
 
     def _run_tag(self) -> str:
         return _sha256(str(self.root).encode())[:16]
