@@ -60,7 +60,7 @@ def test_blocked_and_stopped(tmp_path):
 
 def test_a_hanging_command_never_holds_up_the_loop_and_is_killed_at_its_deadline(tmp_path):
     marker = f"{31 + os.getpid() % 1000}.4242"
-    root = make_workspace(tmp_path / "lab", notify={"command": f"sleep {marker}", "timeout_seconds": 1.0,
+    root = make_workspace(tmp_path / "lab", notify={"command": f"sleep {marker}", "timeout_seconds": 2.0,
                                                    "events": ["new_best", "stopped", "crashed"]})
     t0 = time.monotonic()
     r = cli("run", str(root), "--max-experiments", "6")
@@ -72,9 +72,9 @@ def test_a_hanging_command_never_holds_up_the_loop_and_is_killed_at_its_deadline
     for e in kept:  # the next event came at once: the loop did not wait for the (hanging) command
         nxt = next(x for x in evs if x.seq == e.seq + 1)
         gap = (datetime_of(nxt.time) - datetime_of(e.time))
-        assert gap < 0.5, (e.seq, gap)
-    # Each notification is killed at its 1 s deadline; the last ("stopped") had at most 15 s to go out.
-    assert took < 30
+        assert gap < 1.0, (e.seq, gap)  # waiting for the command would take its whole 2 s deadline
+    # Each notification is killed at its 2 s deadline; the last ("stopped") had at most 15 s to go out.
+    assert took < 45
     leftovers = [p for p in os.listdir("/proc") if p.isdigit() and marker in _cmdline(p)]
     assert leftovers == []
     log = (root / ".autoresearch" / "daemon.log").read_text()
