@@ -133,7 +133,8 @@ def bwrap_argv(bwrap: str, layout: Layout) -> list[str]:
     home = Path(layout.home)
     if str(home) in ("/", "") or not home.is_absolute() or any(_inside(checkout, p) for p in (home,)):
         home = Path("/tmp/home")
-    hidden = [Path(p) for p in HIDDEN_DIRS if os.path.isdir(p)] + secret
+    # $HOME gets its own writable tmpfs below: not also a read-only hidden one.
+    hidden = [p for p in [Path(p) for p in HIDDEN_DIRS if os.path.isdir(p)] + secret if p != home]
     argv = [bwrap, *_NAMESPACES, "--ro-bind", "/", "/", "--dev", "/dev", "--tmpfs", "/dev/shm"]
     for pattern in GPU_NODES:
         for node in sorted(glob.glob(pattern)):

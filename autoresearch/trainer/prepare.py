@@ -93,6 +93,13 @@ def ensure(settings: Settings | None = None, progress: Progress | None = None) -
     except OSError as exc:
         raise UserError(f"cannot create cache directory {root}: {exc.strerror}") from None
     corpus = open_corpus(settings.data, settings.constants, root, settings.data_url)
+    if not os.access(root, os.W_OK):
+        # A run's sandbox sees the cache read-only: the daemon's prepare step built the entry.
+        final = root / entry_key(settings, corpus.fingerprint())
+        if (final / "meta.json").is_file():
+            return final
+        raise UserError(f"the data cache {root} is read-only here and holds no prepared data for this "
+                        "workload: run `python -m autoresearch.trainer.prepare` (the daemon's prepare step)")
     with _locked(root / ".prepare.lock"):
         corpus.fetch(progress)
         fingerprint = corpus.fingerprint()
