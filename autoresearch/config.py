@@ -268,6 +268,23 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"{CONFIG_NAME}: notify.timeout_seconds must be positive")
 
 
+def differences(old: Config, new: Config) -> dict[str, list]:
+    """{"table.key": [old, new]} for every setting that differs (what a reload changed)."""
+    out: dict[str, list] = {}
+
+    def walk(a, b, prefix: str) -> None:
+        for f in fields(a):
+            x, y = getattr(a, f.name), getattr(b, f.name)
+            if is_dataclass(x):
+                walk(x, y, f"{prefix}{f.name}.")
+            elif x != y:
+                out[prefix + f.name] = [list(x) if isinstance(x, tuple) else x,
+                                        list(y) if isinstance(y, tuple) else y]
+
+    walk(old, new, "")
+    return out
+
+
 def parse(text: str) -> Config:
     try:
         data = tomllib.loads(text)

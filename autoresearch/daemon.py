@@ -745,20 +745,39 @@ class Daemon:
             d.fire("note", kind="request", request=rid, action=action, outcome="ignored: " + ignored)
 
     def _reload_config(self) -> None:
+        """SIGHUP: the human's autoresearch.toml (never a run's copy of it) becomes the config.
+
+        Under bubblewrap a run can neither write that file nor signal us. Without it (the
+        fallback, mode off) it could do both, so while such a run is in flight a reload that
+        weakens the sandbox is refused: send it again once the run has ended. Every reload
+        records what changed and who owns the file that changed it.
+        """
         self.notifier.reloading()
+        path = self.root / config_mod.CONFIG_NAME
+        run = self._run
+        who = {"file": str(path), "run_in_flight": run is not None,
+               "run_sandbox": run.sandbox.get("kind") if run is not None else None}
         try:
+            who["file_uid"] = path.stat().st_uid
             cfg = self._load_config()  # this invocation's overrides still apply
             if cfg.workload.profile != self.cfg.workload.profile:
                 raise ConfigError("workload.profile cannot change while the workspace has results")
-        except ConfigError as exc:
+            _check_strict(cfg)
+            weaker = sandbox.weakening(self.cfg.sandbox, cfg.sandbox)
+            if weaker and run is not None and who["run_sandbox"] != "bwrap":
+                raise ConfigError(f"it weakens the sandbox ({'; '.join(weaker)}) while a run that could "
+                                  f"have written {path.name} ({who['run_sandbox']}) is in flight; "
+                                  "send the reload again once the run has ended")
+        except (ConfigError, OSError) as exc:
             log.error("config reload rejected; keeping the old config", error=str(exc))
-            self.machines.daemon.fire("note", kind="config_rejected", error=str(exc))
+            self.machines.daemon.fire("note", kind="config_rejected", error=str(exc), **who)
             self.notifier.ready(self._status())
             return
+        changed = config_mod.differences(self.cfg, cfg)
         self.cfg = cfg
         self.ws.editable = cfg.run.editable
-        self.machines.daemon.fire("note", kind="config_reloaded",
-                                  config_hash=_sha256((self.root / config_mod.CONFIG_NAME).read_bytes()))
+        self.machines.daemon.fire("note", kind="config_reloaded", config_hash=_sha256(path.read_bytes()),
+                                  changed=changed, **who)
         self.notifier.ready(self._status())
 
     def _program_changed(self) -> None:

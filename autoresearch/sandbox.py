@@ -92,6 +92,26 @@ _NAMESPACES = ("--unshare-all", "--unshare-user", "--die-with-parent", "--new-se
                "--cap-drop", "ALL")
 
 
+_STRENGTH = {"strict": 2, "auto": 1, "off": 0}
+
+
+def weakening(old, new) -> list[str]:
+    """How config ``new`` contains runs less than ``old`` (two [sandbox] tables): "key: old -> new"."""
+    def limit(value: int) -> float:  # 0 means the largest (90 % of RAM, unlimited)
+        return value or float("inf")
+
+    out = []
+    if _STRENGTH.get(new.mode, 0) < _STRENGTH.get(old.mode, 0):
+        out.append(f"sandbox.mode: {old.mode} -> {new.mode}")
+    for key in ("memory_mb", "max_processes", "max_file_mb"):
+        if limit(getattr(new, key)) > limit(getattr(old, key)):
+            out.append(f"sandbox.{key}: {getattr(old, key)} -> {getattr(new, key)}")
+    added = sorted(set(new.read_only) - set(old.read_only))
+    if added:
+        out.append(f"sandbox.read_only: + {', '.join(added)}")
+    return out
+
+
 def expected(mode: str) -> tuple[str, str]:
     """(kind, why not bwrap) a run gets in ``mode`` here: "bwrap" | "fallback" | "off"."""
     if mode == "off":
