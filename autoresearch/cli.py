@@ -19,7 +19,7 @@ from datetime import datetime
 from pathlib import Path
 
 from . import __version__
-from .errors import BusyError, CorruptLogError, Exit, SystemRefusedError, UserError, WorkspaceError
+from .errors import BusyError, ConfigError, CorruptLogError, Exit, SystemRefusedError, UserError, WorkspaceError
 
 EXAMPLES = """examples:
   autoresearch run lab --init          create ./lab from the built-in workload and loop until Ctrl-C
@@ -213,6 +213,20 @@ def _run_overrides(args, root: Path) -> dict:
     return {}
 
 
+def _warn_uncontained(root: Path) -> None:
+    """`run`'s first line, when the runs it starts will not be fully contained (no bubblewrap)."""
+    from . import config as config_mod, sandbox
+
+    try:
+        mode = config_mod.load(root).sandbox.mode
+    except ConfigError:
+        return  # the daemon reports it, with its exit code
+    kind, why = sandbox.expected(mode)
+    if kind != "bwrap":
+        print(f"autoresearch: WARNING: runs will not be fully contained (sandbox {kind}: {why}); "
+              "see README, What it guarantees", file=sys.stderr)
+
+
 def cmd_run(args) -> int:
     from . import config as config_mod
     from .control import lock_holder, locked_error
@@ -237,6 +251,7 @@ def cmd_run(args) -> int:
 
     daemon = Daemon(root, max_experiments=args.max_experiments, run_for=args.run_for, overrides=overrides)
     daemon.open()  # every refusal happens here: before a log file, a lock file, anything
+    _warn_uncontained(root)
     secrets.install_log_guard()
     fmt = args.log_format if args.log_format != "auto" else ("human" if sys.stdout.isatty() else "json")
     live = _LiveLine(sys.stdout) if fmt == "human" and sys.stdout.isatty() else None
@@ -256,7 +271,7 @@ def cmd_run(args) -> int:
 
 def cmd_status(args) -> int:
     from .control import lock_holder
-    from .report import status_text
+    from .report import last_sandbox, status_text
 
     root = _workspace_dir(args.dir)
     state = _read_state(root)
@@ -285,7 +300,8 @@ def cmd_status(args) -> int:
                     "step": shown.step if shown else None, "loss": shown.loss if shown else None}},
             "best_metric": state.best_metric, "best_commit": state.best_commit, "counts": state.counts(),
             "cost_usd": state.cost_usd, "cost_unknown": state.cost_unknown, "usage": state.usage,
-            "model": state.model or None, "events": state.seq}, indent=2))
+            "model": state.model or None, "events": state.seq,
+            "sandbox": None if last_sandbox(state) is None else last_sandbox(state).sandbox}, indent=2))
         return 0
     text = status_text(state, str(root), pid, elapsed, budget, str(shown) if shown else "")
     if pid is None and state.daemon not in ("stopped", "exhausted"):

@@ -205,6 +205,7 @@ class Daemon:
             raise WorkspaceError(f"{self.root}: no such directory")
         secrets.remember_environment()  # whatever a run prints of them is redacted
         self.cfg = self._load_config()
+        _check_strict(self.cfg)
         self.ws = Workspace.open(self.root, self.cfg.run.editable)
         self.branch = self.ws.branch  # the workspace's branch: an agent that leaves it is put back
         created = not (self.root / STATE_DIR).exists()
@@ -419,6 +420,9 @@ class Daemon:
 
     def run(self) -> int:
         self.open()
+        kind, why = sandbox.expected(self.cfg.sandbox.mode)
+        if kind != "bwrap":
+            log.warning("runs will not be fully contained", sandbox=kind, why=why)
         self.machines = Machines(self._record, self.state.daemon)
         try:
             self._install_signals()

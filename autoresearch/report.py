@@ -208,7 +208,25 @@ def status_text(state: State, workspace: str, daemon_pid: int | None, run_elapse
         lines.append(f"noise:      sigma {state.noise_sigma:.6f}, keep threshold {state.threshold:.6f}")
     lines.append(f"totals:     {totals_line(state)}")
     lines.append(f"events:     {state.seq} (last {state.last_time or '-'})")
+    contained = sandbox_warning(state)
+    if contained:
+        lines.append(f"sandbox:    {contained}")
     return "\n".join(lines)
+
+
+def last_sandbox(state: State):
+    """The experiment whose run started last (its sandbox is what runs get now), or None."""
+    ran = [e for e in state.experiments.values() if e.sandbox]
+    return max(ran, key=lambda e: e.n) if ran else None
+
+
+def sandbox_warning(state: State) -> str:
+    """A warning while runs are not fully contained (the last run had no bubblewrap); else ''."""
+    exp = last_sandbox(state)
+    if exp is None or exp.sandbox == "bwrap":
+        return ""
+    why = f": {exp.sandbox_why}" if exp.sandbox_why else ""
+    return f"WARNING: runs are not fully contained (exp {exp.n} ran with sandbox {exp.sandbox}{why})"
 
 
 def history_line(event) -> str:

@@ -44,7 +44,8 @@ class Experiment:
     interrupts: int = 0
     reason: str = ""  # why it ended as it did
     log_tail: str = ""
-    sandbox: str = ""
+    sandbox: str = ""  # what its run got: bwrap | fallback | off (older logs: the configured mode)
+    sandbox_why: str = ""  # why not bwrap
     usage: dict[str, int] = field(default_factory=dict)
     cost_usd: float = 0.0  # the priced part; see cost_unknown
     cost_unknown: bool = False  # some tokens had no known price: the true cost is higher
@@ -195,6 +196,7 @@ def apply(state: State, event) -> State:
         exp.runs += 1
         exp.sandbox = p.get("sandbox", exp.sandbox)
         exp.launched, exp.log = event.time, p.get("log", "")
+        exp.sandbox_why = p.get("sandbox_why", "")
     elif t == "finish":
         exp.log_tail = p.get("log_tail", "")
         if p.get("metric") is not None:
