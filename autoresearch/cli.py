@@ -19,7 +19,7 @@ from datetime import datetime
 from pathlib import Path
 
 from . import __version__
-from .errors import BusyError, ConfigError, CorruptLogError, Exit, SystemRefusedError, UserError, WorkspaceError
+from .errors import BusyError, CorruptLogError, Exit, SystemRefusedError, UserError, WorkspaceError
 
 EXAMPLES = """examples:
   autoresearch run lab --init          create ./lab from the built-in workload and loop until Ctrl-C
@@ -213,14 +213,10 @@ def _run_overrides(args, root: Path) -> dict:
     return {}
 
 
-def _warn_uncontained(root: Path) -> None:
+def _warn_uncontained(mode: str) -> None:
     """`run`'s first line, when the runs it starts will not be fully contained (no bubblewrap)."""
-    from . import config as config_mod, sandbox
+    from . import sandbox
 
-    try:
-        mode = config_mod.load(root).sandbox.mode
-    except ConfigError:
-        return  # the daemon reports it, with its exit code
     kind, why = sandbox.expected(mode)
     if kind != "bwrap":
         print(f"autoresearch: WARNING: runs will not be fully contained (sandbox {kind}: {why}); "
@@ -251,7 +247,7 @@ def cmd_run(args) -> int:
 
     daemon = Daemon(root, max_experiments=args.max_experiments, run_for=args.run_for, overrides=overrides)
     daemon.open()  # every refusal happens here: before a log file, a lock file, anything
-    _warn_uncontained(root)
+    _warn_uncontained(daemon.cfg.sandbox.mode)
     secrets.install_log_guard()
     fmt = args.log_format if args.log_format != "auto" else ("human" if sys.stdout.isatty() else "json")
     live = _LiveLine(sys.stdout) if fmt == "human" and sys.stdout.isatty() else None

@@ -40,6 +40,7 @@ MEMORY_MB = 400
 HOSTILE = textwrap.dedent(r'''
     import ctypes, glob, json, os, signal, socket, sqlite3, subprocess, sys, time
     ATTACK = "info"
+    LEARNING_RATE = 0.04  # for the offline proposer's start-up check; the edits here are scripted
     E = os.environ
     ROOT = E["AUTORESEARCH_TEST_ROOT"]
     report = {}
