@@ -279,3 +279,23 @@ def test_header_slot_clock_and_gain():
     assert h["keep_rate"] == 1.0 and h["finished"] == 1
     down = views.header(st, now=1000.0, daemon_pid=None, boot_time="1970-01-01T00:00:00Z", budget_s=300, slots=[])
     assert down["alive"] is False and down["uptime_s"] is None
+
+
+def test_ctrl_c_with_a_page_open_stops_cleanly(lab):
+    import http.client
+    import signal
+
+    d = Dashboard(lab)
+    conn = http.client.HTTPConnection("127.0.0.1", d.port, timeout=10)
+    try:
+        conn.request("GET", "/api/stream")
+        res = conn.getresponse()
+        assert res.status == 200 and res.read(4) == b"id: "  # the stream is open
+        t0 = time.monotonic()
+        d.proc.send_signal(signal.SIGINT)
+        assert d.proc.wait(timeout=10) == 0
+        assert time.monotonic() - t0 < 3
+        assert "Traceback" not in d.output and "ERROR" not in d.output, d.output
+    finally:
+        conn.close()
+        d.stop()

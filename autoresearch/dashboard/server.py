@@ -65,6 +65,7 @@ class Hub:
         self._run_seen: dict[Path, tuple[int, int]] = {}
         self._cfg: tuple[float, config_mod.Config] | None = None
         self._pid: tuple[float, int | None] = (0.0, None)
+        self.loop: asyncio.AbstractEventLoop | None = None
 
     # -- what the pages get
 
@@ -175,6 +176,14 @@ class Hub:
                 out.append({"type": "run", "n": slot["n"], "loss": loss, "header": self.header()})
         return out
 
+    def end_streams(self) -> None:
+        """The server is stopping: every open stream ends (a page's stream would otherwise hold the
+        shutdown until uvicorn cancels it, with a traceback)."""
+        for q in list(self.subscribers):
+            while not q.empty():
+                q.get_nowait()
+            q.put_nowait(None)
+
     def publish(self, messages: list[dict[str, Any]]) -> None:
         for message in messages:
             for q in list(self.subscribers):
@@ -248,6 +257,8 @@ def build_app(root: Path, *, token_digest: str | None = None, allowed_hosts: set
                     except asyncio.TimeoutError:
                         yield ": keep-alive\n\n"
                         continue
+                    if message is None:
+                        return
                     yield _sse(message)
             finally:
                 hub.subscribers.discard(q)
@@ -257,6 +268,7 @@ def build_app(root: Path, *, token_digest: str | None = None, allowed_hosts: set
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
+        hub.loop = asyncio.get_running_loop()
         task = asyncio.create_task(hub.follow())
         try:
             yield
@@ -384,9 +396,17 @@ def serve(root: Path, listen: str = DEFAULT_LISTEN, *, token: bool = False, toke
     shown = f"[{host}]" if ":" in host else host
     where = "loopback only" if loopback else "reachable from the network; token required"
     print(f"dashboard: http://{shown}:{bound}/ ({where}; read-only) for {root}", file=out, flush=True)
-    cfg = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=1,
+    cfg = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=3,
                          lifespan="on", server_header=False)
-    server = uvicorn.Server(cfg)
+    hub = app.hub
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:  # Ctrl-C, SIGTERM: end the pages' streams first
+            if hub.loop is not None:
+                hub.loop.call_soon_threadsafe(hub.end_streams)
+            super().handle_exit(sig, frame)
+
+    server = Server(cfg)
     try:
         server.run(sockets=[sock])
     finally:
