@@ -330,3 +330,33 @@ def test_train_py_fails_fast_on_divergence(tmp_path, cache):
     assert run.returncode != 0
     assert re.search(r"^FAIL: training loss nan at step 0: diverged", run.stdout, re.M), run.stdout[-2000:] + run.stderr[-2000:]
     assert not re.search(METRIC_RE, run.stdout, re.M)
+
+
+@pytest.mark.skipif(__import__("autoresearch.sandbox").sandbox.bwrap_usable()[0] is None,
+                    reason="no bubblewrap here")
+def test_a_sandboxed_run_uses_the_prepared_cache_read_only(tmp_path, cache, small_corpus):
+    """A run sees the data cache read-only: it uses the entry the daemon's prepare step built
+    (no lock file, nothing written), and says in one line when there is none."""
+    from autoresearch import sandbox
+    from autoresearch.runner import Run, SandboxSpec
+
+    ws = workspace(tmp_path / "lab", data=f"dir:{small_corpus}")
+    entry = prepare.ensure(read_settings(ws))
+    before = sorted((p.relative_to(cache), p.stat().st_mtime_ns) for p in cache.rglob("*"))
+    code = "from autoresearch.trainer import prepare; print('entry', prepare.ensure()); print('val_bpb: 1')"
+
+    def run(cache_dir: Path):
+        layout = sandbox.Layout(checkout=ws, read_only=(cache_dir, small_corpus))
+        return Run.start([PYTHON, "-c", code], ws, tmp_path / "run.log", 60, 10**6,
+                         SandboxSpec("strict", 0, 4096, 4096, layout), r"^val_bpb: (\S+)",
+                         env=subprocess_env(cache_dir)).wait(60)
+
+    res = run(cache)
+    assert res.ok and res.sandbox["kind"] == "bwrap", res.log_tail
+    assert f"entry {entry}" in res.log_tail
+    assert sorted((p.relative_to(cache), p.stat().st_mtime_ns) for p in cache.rglob("*")) == before
+    empty = tmp_path / "empty-cache"
+    empty.mkdir()
+    res = run(empty)
+    assert res.exit_code == 1 and "is read-only here and holds no prepared data" in res.log_tail, res.log_tail
+    assert list(empty.iterdir()) == []
