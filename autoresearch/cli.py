@@ -227,6 +227,8 @@ def cmd_run(args) -> int:
     from . import config as config_mod
     from .control import lock_holder, locked_error
 
+    if args.max_experiments is not None and args.max_experiments < 0:
+        raise UserError(f"--max-experiments must be 0 or more, not {args.max_experiments}")
     root = Path(args.dir)
     created = args.init and not (root / config_mod.CONFIG_NAME).exists()
     if created:
@@ -262,11 +264,14 @@ def cmd_run(args) -> int:
             live.live(None)
         logs.close()
     print(f"autoresearch: {status_line(daemon.state)}", file=sys.stderr)
+    if daemon.error:
+        print(f"autoresearch: error: the daemon failed: {daemon.error} (traceback in "
+              f"{root / '.autoresearch' / logs.LOG_NAME})", file=sys.stderr)
     return code
 
 
 def cmd_status(args) -> int:
-    from .control import lock_holder
+    from .control import lock_holder, pending_requests
     from .report import last_sandbox, status_text
 
     root = _workspace_dir(args.dir)
@@ -284,10 +289,11 @@ def cmd_status(args) -> int:
         except UserError:
             budget = None  # a config being edited: the elapsed time alone still helps
         shown = progress.read(root / cur.log)
+    requests = pending_requests(root / ".autoresearch")
     if args.json:
         print(json.dumps({
             "daemon": state.daemon, "running": pid is not None, "pid": pid, "reason": state.reason,
-            "retry_at": state.retry_at,
+            "retry_at": state.retry_at, "daemon_error": state.daemon_error,
             "current": None if cur is None else {
                 "n": cur.n, "state": cur.state, "description": cur.description, "kind": cur.kind,
                 "failed_runs": cur.failed_runs,
@@ -297,9 +303,10 @@ def cmd_status(args) -> int:
             "best_metric": state.best_metric, "best_commit": state.best_commit, "counts": state.counts(),
             "cost_usd": state.cost_usd, "cost_unknown": state.cost_unknown, "usage": state.usage,
             "model": state.model or None, "events": state.seq,
-            "sandbox": None if last_sandbox(state) is None else last_sandbox(state).sandbox}, indent=2))
+            "sandbox": None if last_sandbox(state) is None else last_sandbox(state).sandbox,
+            "requests": requests}, indent=2))
         return 0
-    text = status_text(state, str(root), pid, elapsed, budget, str(shown) if shown else "")
+    text = status_text(state, str(root), pid, elapsed, budget, str(shown) if shown else "", requests)
     if pid is None and state.daemon not in ("stopped", "exhausted"):
         text += "\nnote:       no daemon is running (it died or was killed); `autoresearch run` resumes"
     print(text)
@@ -497,47 +504,98 @@ def cmd_plot(args) -> int:
     return 0
 
 
+LIVENESS_CHECK_S = 0.25  # how often a waiting request checks that the daemon still runs
+
+
 def cmd_request(args) -> int:
-    """pause | resume | stop | skip: write to the inbox, return once the daemon has logged it."""
-    from .control import lock_holder, submit_request
-    from .eventlog import open_error
+    """pause | resume | stop | skip: write to the inbox, return once the daemon has logged its answer."""
+    from .control import lock_holder, request_path, submit_request, withdraw_request
 
     root = _workspace_dir(args.dir)
     state_dir = root / ".autoresearch"
+    # Pause outlives restarts, so pause and resume can wait in the inbox for the next start;
+    # skip and stop mean "now" and need a running daemon.
+    queueable = args.command in ("pause", "resume")
     running = lock_holder(state_dir) is not None
-    if running or args.command in ("pause", "resume"):
+    if running or queueable:
         _require_writable(state_dir / "inbox", f"send a {args.command} request")
     if not running:
-        if args.command in ("pause", "resume") and (state_dir / "events.sqlite").exists():
-            # Pause outlives restarts, so both must be possible while the daemon is down.
+        if queueable and (state_dir / "events.sqlite").exists():
             submit_request(state_dir, args.command)
             print(f"{args.command}: queued: no daemon is running on {args.dir}; "
                   "it takes effect when the daemon starts")
             return 0
         raise BusyError(f"{args.dir}: no daemon is running on this workspace")
-    rid = submit_request(state_dir, args.command)
-    deadline = time.monotonic() + args.timeout
+    target = _in_flight(state_dir / "events.sqlite") if args.command == "skip" else None  # what the person sees
+    rid = submit_request(state_dir, args.command, experiment=target)
+    row, gone = _await_answer(state_dir, rid, args.timeout)
+    if row is None:
+        # Say where the request really is: withdrawn, still in the inbox, or taken but unanswered.
+        if gone and not queueable and withdraw_request(state_dir, rid):
+            raise BusyError(f"{args.command}: the daemon exited before reading the request; withdrawn "
+                            f"({args.command} needs a running daemon)")
+        if request_path(state_dir, rid).exists():
+            when = "when a daemon starts" if gone else "when the daemon reads it"
+            why = "the daemon exited before reading it" if gone else \
+                f"the daemon did not read it within {args.timeout:g}s"
+            raise BusyError(f"{args.command}: {why}; the request stays in its inbox and takes effect {when}")
+        why = "the daemon exited without answering it" if gone else \
+            f"the daemon took it but did not answer within {args.timeout:g}s"
+        raise BusyError(f"{args.command}: {why}; see `autoresearch history` and daemon.log")
+    seq, aggregate, trigger, dest, payload = row
+    outcome = json.loads(payload).get("outcome")
+    if outcome:
+        print(f"{args.command}: {outcome} (event {seq})", file=sys.stderr)
+        return Exit.DECLINED
+    print(f"{args.command}: done: {aggregate} {trigger} -> {dest} (event {seq})")
+    return 0
+
+
+def _await_answer(state_dir: Path, rid: str, timeout: float):
+    """(the event that answered `rid` or None, whether the daemon is gone): waits until the
+    answer, the timeout, or the daemon's exit (after one more look: it may have answered last)."""
+    from .control import lock_holder
+    from .eventlog import open_error
+
+    path = state_dir / "events.sqlite"
+    deadline = time.monotonic() + timeout
+    next_check = time.monotonic() + LIVENESS_CHECK_S
     problem = None  # the last reason the log could not be read; it may pass (a stopping daemon
-    while time.monotonic() < deadline:  # writes a deleted -wal back into the log)
+    gone = False    # writes a deleted -wal back into the log)
+    while True:
         row = None
         try:
-            row = _find_answer(state_dir / "events.sqlite", rid)
+            row = _find_answer(path, rid)
             problem = None
         except (UserError, sqlite3.DatabaseError) as exc:
-            problem = exc if isinstance(exc, UserError) else open_error(state_dir / "events.sqlite", exc)
-        if row:
-            seq, aggregate, trigger, dest, payload = row
-            outcome = json.loads(payload).get("outcome")
-            if outcome:
-                print(f"{args.command}: {outcome} (event {seq})", file=sys.stderr)
-                return Exit.DECLINED
-            print(f"{args.command}: done: {aggregate} {trigger} -> {dest} (event {seq})")
-            return 0
+            problem = exc if isinstance(exc, UserError) else open_error(path, exc)
+        if row or gone or time.monotonic() >= deadline:
+            break
+        if time.monotonic() >= next_check:
+            gone = lock_holder(state_dir) is None
+            next_check = time.monotonic() + LIVENESS_CHECK_S
         time.sleep(0.05)
-    if problem is not None:
+    if row is None and problem is not None:
         raise problem
-    raise BusyError(f"{args.command}: the daemon did not acknowledge within {args.timeout:g}s "
-                    "(the request stays in its inbox)")
+    return row, gone
+
+
+def _in_flight(path: Path) -> int | None:
+    """The experiment in flight per the log: the last experiment event's, unless it ended there
+    (one experiment is live at a time). Cheaper than folding a long log; None if unreadable."""
+    from .eventlog import EventLog
+    from .state import TERMINAL
+
+    try:
+        log = EventLog.open_reader(path)
+        try:
+            row = log.db.execute("SELECT aggregate, dest FROM events WHERE aggregate LIKE 'experiment:%' "
+                                 "ORDER BY seq DESC LIMIT 1").fetchone()
+        finally:
+            log.close()
+    except (UserError, sqlite3.DatabaseError):
+        return None  # the daemon then skips whatever is in flight when it reads the request
+    return None if row is None or row[1] in TERMINAL else int(row[0].split(":", 1)[1])
 
 
 def _find_answer(path: Path, rid: str):
@@ -635,7 +693,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("dir", nargs="?", default=".")
     sp.add_argument("--init", action="store_true", help="create the workspace first if it does not exist")
     init_options(sp)
-    sp.add_argument("--max-experiments", type=int, metavar="N", help="stop after N experiments in this run")
+    sp.add_argument("--max-experiments", type=int, metavar="N",
+                    help="stop once N experiments reach an outcome in this invocation (kept, discarded, "
+                         "crashed, rejected or skipped; the re-run of an interrupted one counts when it "
+                         "ends; the baseline does not); 0: no experiment, only a baseline if there is none yet")
     sp.add_argument("--for", dest="run_for", type=_duration, metavar="DURATION",
                     help="stop after this long, e.g. 90m or 8h")
     sp.add_argument("--journal", choices=["auto", "on", "off"], default="auto",

@@ -378,7 +378,7 @@ COMMENTS = {
     "limits.max_experiments": "0 = unlimited",
     "limits.max_hours": "0 = unlimited",
     "limits.max_cost_usd": "0 = unlimited",
-    "limits.max_interrupts": "an experiment interrupted more often than this is crashed",
+    "limits.max_interrupts": "runs lost (the daemon died) more often than this -> crashed; stops never count",
     "sandbox.mode": "auto (bubblewrap, else namespace + limits fallback) | strict (bubblewrap or no run) | off",
     "sandbox.max_processes": "tasks in the run's PID namespace (bubblewrap)",
     "sandbox.read_only": "host paths a run may read besides its checkout, the Python install and the data cache",

@@ -83,14 +83,48 @@ def lock_holder(state_dir: Path) -> int | None:
         os.close(fd)
 
 
-def submit_request(state_dir: Path, action: str) -> str:
-    """Write a request into the inbox atomically (tmp + rename); returns its id."""
+def request_path(state_dir: Path, rid: str) -> Path:
+    return Path(state_dir) / INBOX_NAME / f"{rid}.json"
+
+
+def submit_request(state_dir: Path, action: str, *, experiment: int | None = None) -> str:
+    """Write a request into the inbox atomically (tmp + rename); returns its id.
+
+    `experiment`: the experiment a skip is meant for (the one in flight when it was asked);
+    the daemon answers "already ended" rather than skip the next one.
+    """
     from .eventlog import utc_now  # not at import: `run` checks the lock before loading SQLite tooling
 
     inbox = Path(state_dir) / INBOX_NAME
     inbox.mkdir(parents=True, exist_ok=True)
-    rid = f"{int(time.time() * 1000)}-{os.getpid()}-{os.urandom(3).hex()}"
+    # The id starts with the time in ns, so that sorting names reads requests in order.
+    rid = f"{time.time_ns():019d}-{os.getpid()}-{os.urandom(3).hex()}"
+    request = {"id": rid, "action": action, "time": utc_now()}
+    if experiment is not None:
+        request["experiment"] = experiment
     tmp = inbox / f".{rid}.tmp"
-    tmp.write_text(json.dumps({"id": rid, "action": action, "time": utc_now()}))
-    os.replace(tmp, inbox / f"{rid}.json")
+    tmp.write_text(json.dumps(request))
+    os.replace(tmp, request_path(state_dir, rid))
     return rid
+
+
+def withdraw_request(state_dir: Path, rid: str) -> bool:
+    """Take a request back out of the inbox; False when the daemon has already taken it."""
+    try:
+        request_path(state_dir, rid).unlink()
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def pending_requests(state_dir: Path) -> list[dict]:
+    """The requests still in the inbox (not read by a daemon yet), oldest first."""
+    pending = []
+    for path in sorted((Path(state_dir) / INBOX_NAME).glob("*.json")):
+        try:
+            request = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue  # taken by the daemon meanwhile, or not one of ours
+        if isinstance(request, dict) and "action" in request:
+            pending.append(request)
+    return pending

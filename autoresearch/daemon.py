@@ -37,7 +37,7 @@ import structlog
 from . import __version__, config as config_mod, faults, progress, secrets
 from .alerts import Alerts
 from .control import INBOX_NAME, WorkspaceLock
-from .errors import ConfigError, CorruptLogError, WorkspaceError
+from .errors import ConfigError, CorruptLogError, Exit, WorkspaceError
 from .eventlog import EventLog, verify_path
 from .machine import LEGAL, Machines
 from .notify import Notifier, WatchdogTimer
@@ -176,14 +176,15 @@ class Daemon:
         self._flags: set[str] = set()  # "stop", "reload", "program", "inbox": set by handlers
         self._stop_reason = ""
         self._stop_request: str | None = None
-        self._skip_request: str | None = None
+        self._skip_request: tuple[str, int] | None = None  # (request id, experiment n)
+        self.error = ""  # the unexpected exception that ended run(), if one did
         self._run: Run | None = None
         self._run_started = 0.0
         self._status_sent = 0.0  # when STATUS= was last sent (monotonic)
         self._result: RunResult | None = None
         self._failures = 0  # consecutive blocks, for the backoff
         self._prepared = False  # prepare_command succeeded in this process: once per start
-        self._session_experiments = 0
+        self._session_experiments = 0  # experiments that reached an outcome in this invocation
         self._model_checked: str | None = None  # the anthropic model looked up in this start
         self._changes: dict[int, str] = {}  # experiment -> prompt.change_summary (cache)
         self._fingerprints: dict[tuple, tuple | None] = {}  # (commit, editable) -> blob ids (cache)
@@ -430,9 +431,27 @@ class Daemon:
             self._boot()
             self.notifier.ready(self._status())
             self._loop()
+            self._settle_skip()
             return 0
+        except Exception as exc:  # a bug or an unforeseen condition, not a user's mistake
+            self._failed(exc)
+            return Exit.FAILED  # not in RestartPreventExitStatus: systemd restarts us
         finally:
             self._shutdown()
+
+    def _failed(self, exc: Exception) -> None:
+        """Say where we were, in daemon.log / the journal and in the event log, then let run()
+        exit non-zero: systemd's Restart=on-failure starts us again and _boot reconciles."""
+        cur = self.state.current()
+        daemon_state = self.machines.daemon.state
+        where = {"experiment": cur.n if cur else None, "state": cur.state if cur else daemon_state,
+                 "daemon": daemon_state}
+        self.error = f"{type(exc).__name__}: {exc}"
+        log.error("daemon failed unexpectedly; exiting", error=self.error, exc_info=exc, **where)
+        try:
+            self.machines.daemon.fire("note", kind="failure", error=self.error, **where)
+        except Exception as again:  # the log itself may be what failed: daemon.log has it all
+            log.error("could not record the failure in the event log", error=f"{type(again).__name__}: {again}")
 
     def _install_signals(self) -> None:
         def on_stop(signum, frame):
@@ -521,7 +540,7 @@ class Daemon:
         cur = st.current()
         if cur is not None and cur.state != "interrupted":
             self.machines.experiment(cur.n, cur.state).fire(
-                "interrupt", reason="daemon restarted while the experiment was in flight")
+                "interrupt", reason="daemon restarted while the experiment was in flight", graceful=False)
         if cur is None and (self.ws.head() != best or self.ws.changes().paths):
             self._reset(best)
         if st.paused:
@@ -611,9 +630,13 @@ class Daemon:
                         self._wait(lambda: d.state != "paused" or self._skip_request is not None
                                    or self._session_over())
                 elif state == "blocked":
+                    # Ends at retry_at, or earlier on `resume` (_handle_request); a skip does not end it.
                     retry_at = _parse_utc(self.state.retry_at) if self.state.retry_at else time.time()
-                    self._wait(lambda: d.state != "blocked" or time.time() >= retry_at or self._session_over())
-                    if d.state == "blocked":
+                    waited = self._wait(lambda: d.state != "blocked" or time.time() >= retry_at
+                                        or self._session_over())
+                    if waited == "skip":
+                        self._settle_skip()
+                    elif d.state == "blocked":
                         if self._session_over():
                             raise Stop()
                         d.fire("unblock")
@@ -626,13 +649,15 @@ class Daemon:
             self._stop_now()
 
     def _stop_now(self) -> None:
+        self._settle_skip()  # a skip asked before the stop is honoured, not turned into a re-run
         if self._run is not None:
             self._run.kill("stop")
             self._wait_run_gone()
         cur = self.state.current()
         if cur is not None and cur.state != "interrupted":
+            # graceful: a person's stop (or --for) is no crash; it never counts toward max_interrupts
             self.machines.experiment(cur.n, cur.state).fire(
-                "interrupt", reason=f"daemon stopping ({self._stop_reason or 'stop requested'})")
+                "interrupt", reason=f"daemon stopping ({self._stop_reason or 'stop requested'})", graceful=True)
         payload = {"reason": self._stop_reason or "stop requested"}
         if self._stop_request:
             payload["request"] = self._stop_request
@@ -694,15 +719,16 @@ class Daemon:
             self._flags.add("stop")  # sticky until we are out
             raise Stop()
 
-    def _wait(self, done: Callable[[], bool], timeout: float | None = None) -> str:
-        """Wait for `done()` while serving; "done" | "timeout" | "skip". Raises Stop."""
+    def _wait(self, done: Callable[[], bool], timeout: float | None = None, *, skippable: bool = True) -> str:
+        """Wait for `done()` while serving; "done" | "timeout" | "skip" (only if `skippable`:
+        a skip request is pending). Raises Stop."""
         end = None if timeout is None else time.monotonic() + timeout
         delay = 0.002
         while True:
             self._service()
             if done():
                 return "done"
-            if self._skip_request is not None:
+            if skippable and self._skip_request is not None:
                 return "skip"
             if end is not None and time.monotonic() >= end:
                 return "timeout"
@@ -714,39 +740,65 @@ class Daemon:
                 self._wake.clear()
 
     def _read_inbox(self) -> None:
+        """Every request in the inbox, oldest first, gets exactly one answer in the log."""
         for path in sorted((self.state_dir / INBOX_NAME).glob("*.json")):
             try:
-                data = json.loads(path.read_text())
-                rid, action = str(data["id"]), str(data["action"])
+                request = json.loads(path.read_text())
+                str(request["id"]), str(request["action"])
             except (OSError, ValueError, KeyError, TypeError):
-                path.unlink(missing_ok=True)  # not a request of ours (they are written tmp + rename)
+                # Not a request of ours (they are written tmp + rename): nobody waits for an answer.
+                log.warning("unreadable file in the inbox; removed", path=str(path))
+                path.unlink(missing_ok=True)
                 continue
-            self._handle_request(rid, action)
+            self._handle_request(request)
             path.unlink(missing_ok=True)
 
-    def _handle_request(self, rid: str, action: str) -> None:
+    def _handle_request(self, request: dict) -> None:
+        """Apply a request, or record why not: the answer the CLI waits for."""
         d = self.machines.daemon
+        rid, action = str(request["id"]), str(request["action"])
         ignored = ""
         if action in ("pause", "resume"):
+            # `resume` while blocked retries now instead of at the end of the backoff.
+            trigger = "unblock" if action == "resume" and d.state == "blocked" else action
             # The transition table says from which states; a request from any other is answered.
-            if (action, d.state) in LEGAL["daemon"]:
-                d.fire(action, request=rid)
+            if (trigger, d.state) in LEGAL["daemon"]:
+                d.fire(trigger, request=rid)
+                if d.state == "preparing" and self._prepared:
+                    self._prepared_go_on()  # now, not after the run in flight: status says so
             else:
-                ignored = f"daemon is {d.state}, not {'pausable' if action == 'pause' else 'paused'}"
+                ignored = f"daemon is {d.state}, not {'pausable' if action == 'pause' else 'paused or blocked'}"
         elif action == "stop":
-            self._stop_request, self._stop_reason = rid, "stop requested"
-        elif action == "skip":
-            cur = self.state.current()
-            if cur is not None and cur.kind == "experiment" and cur.state != "interrupted":
-                self._skip_request = rid
-                if self._run is not None:
-                    self._run.kill("skip")
+            if self._stop_request:
+                ignored = f"already stopping (request {self._stop_request})"
             else:
-                ignored = "no experiment in flight"
+                self._stop_request, self._stop_reason = rid, "stop requested"
+        elif action == "skip":
+            ignored = self._accept_skip(rid, request.get("experiment"))
         else:
             ignored = f"unknown request {action!r}"
         if ignored:
             d.fire("note", kind="request", request=rid, action=action, outcome="ignored: " + ignored)
+
+    def _accept_skip(self, rid: str, target: int | None) -> str:
+        """Take a skip request for the experiment in flight; '' or why it does not apply."""
+        cur = self.state.current()
+        if target is not None and (cur is None or cur.n != target):
+            return f"experiment {target} already ended"  # the CLI names the experiment it saw in flight
+        if cur is None:
+            return "no experiment in flight"
+        if cur.kind == "baseline":
+            return "the baseline cannot be skipped: every experiment is judged against it"
+        if ("skip", cur.state) not in LEGAL["experiment"]:
+            return f"experiment {cur.n} is {cur.state}"
+        if self._skip_request is not None:
+            return f"experiment {cur.n} is already being skipped (request {self._skip_request[0]})"
+        if self._stop_request:
+            return f"the daemon is stopping (request {self._stop_request})"
+        self._skip_request = (rid, cur.n)
+        if self._run is not None:
+            self._run.kill("skip")
+        return ""
 
     def _reload_config(self) -> None:
         """SIGHUP: the human's autoresearch.toml (never a run's copy of it) becomes the config.
@@ -819,20 +871,25 @@ class Daemon:
                             self.cfg.run.metric_regex, None, env=self._run_env())
             self._run, self._run_started = run, time.monotonic()
             try:
-                self._wait(lambda: run.poll() is not None)
+                self._wait(lambda: run.poll() is not None, skippable=False)
             finally:
                 if run.poll() is None:
                     run.kill("stop")
                 self._run = None
             result = run.poll()
-            if d.state != "preparing":  # paused meanwhile: prepare again on resume
+            self._prepared = result.exit_code == 0
+            if d.state != "preparing":  # paused meanwhile: go on (or prepare again) on resume
                 return
-            if result.exit_code != 0:
+            if not self._prepared:
                 lines = result.log_tail.strip().splitlines()
                 self._block(f"prepare failed: {lines[-1] if lines else 'exit ' + str(result.exit_code)}")
                 return
-            self._prepared = True
-        d.fire("resume_loop" if self.state.baseline_done else "begin_baseline")
+        self._prepared = True
+        self._prepared_go_on()
+
+    def _prepared_go_on(self) -> None:
+        """preparing -> the baseline, or back to the loop once there is one."""
+        self.machines.daemon.fire("resume_loop" if self.state.baseline_done else "begin_baseline")
 
     def _block(self, reason: str, retry_after: float | None = None) -> None:
         delay = BACKOFF_S[min(self._failures, len(BACKOFF_S) - 1)]
@@ -868,7 +925,6 @@ class Daemon:
         if cur is None:
             self.machines.experiment(self.state.next_n()).fire(
                 "start", kind="experiment", proposer=self.cfg.proposer.kind)
-            self._session_experiments += 1
             return
         model = self.machines.experiment(cur.n, cur.state)
         if self._skip_request is not None:
@@ -890,6 +946,8 @@ class Daemon:
         self._result = None
         exp = self.state.experiments[n]
         self._checkpoint()  # the outcome is in the main file and anchored before its side effect
+        if exp.kind == "experiment":
+            self._session_experiments += 1  # --max-experiments counts outcomes, re-runs included
         if exp.kind == "experiment" or exp.state == "kept":
             self._failures = 0  # the loop made progress: a later block starts the backoff afresh
         if exp.state == "kept":
@@ -919,14 +977,22 @@ class Daemon:
             self._block(f"baseline run failed ({exp.failed_runs}x): {exp.failure}")
 
     def _skip(self, cur, model) -> None:
-        rid, self._skip_request = self._skip_request, None
+        (rid, n), self._skip_request = self._skip_request, None
         if self._run is not None:
             self._run.kill("skip")
             self._wait_run_gone()
-        if cur.state in ("interrupted", "kept", "discarded", "crashed", "rejected"):
+        if cur is None or cur.n != n or ("skip", cur.state) not in LEGAL["experiment"]:
+            self.machines.daemon.fire("note", kind="request", request=rid, action="skip",
+                                      outcome=f"ignored: experiment {n} already ended")
             return
         model.fire("skip", reason="skipped by user", request=rid)
         self._finished(cur.n)
+
+    def _settle_skip(self) -> None:
+        """Apply a pending skip now (blocked, stopping, exiting): it must not go unanswered."""
+        if self._skip_request is not None:
+            cur = self.state.current()
+            self._skip(cur, self.machines.experiment(cur.n, cur.state) if cur is not None else None)
 
     def _resume_interrupted(self, cur, model) -> None:
         if cur.interrupts > self.cfg.limits.max_interrupts:
@@ -1224,7 +1290,7 @@ class Daemon:
     def _train(self, cur, model) -> None:
         run = self._run
         if run is None:  # cannot happen after _boot's interrupt; kept as a guard
-            model.fire("interrupt", reason="run lost")
+            model.fire("interrupt", reason="run lost", graceful=False)
             return
         if self._wait(lambda: run.poll() is not None) == "skip":
             return  # _experiment_step handles the skip on the next turn
@@ -1240,7 +1306,7 @@ class Daemon:
     def _judge(self, cur, model) -> None:
         result = self._result
         if result is None:  # cannot happen after _boot's interrupt; kept as a guard
-            model.fire("interrupt", reason="result lost")
+            model.fire("interrupt", reason="result lost", graceful=False)
             return
         failure = _failure(result)
         if failure and cur.kind == "baseline":

@@ -1,4 +1,4 @@
-"""Fault injection for the crash tests: inert unless AUTORESEARCH_CRASH_AT is set.
+"""Fault injection for the crash tests: inert unless AUTORESEARCH_CRASH_AT or _FAIL_AT is set.
 
 AUTORESEARCH_CRASH_AT names points where the daemon SIGKILLs itself, so the
 tests can prove that a kill at any instant loses nothing:
@@ -10,7 +10,10 @@ tests can prove that a kill at any instant loses nothing:
 Several points may be given, separated by commas. Examples:
   AUTORESEARCH_CRASH_AT=post:commit        kill right after the commit event is written
   AUTORESEARCH_CRASH_AT=pre:launch@2       kill just before the 2nd launch event
-Never set it outside tests.
+
+AUTORESEARCH_FAIL_AT takes the same points but raises InjectedFailure there instead: an
+unexpected exception (a bug), to test that the daemon logs it and exits non-zero.
+Never set either outside tests.
 """
 
 from __future__ import annotations
@@ -18,17 +21,30 @@ from __future__ import annotations
 import os
 import signal
 
-_points: dict[str, int] = {}
-for _item in filter(None, (s.strip() for s in os.environ.get("AUTORESEARCH_CRASH_AT", "").split(","))):
-    _name, _, _k = _item.partition("@")
-    _points[_name] = int(_k or 1)
+
+class InjectedFailure(RuntimeError):
+    """The exception raised at an AUTORESEARCH_FAIL_AT point."""
+
+
+def _parse(variable: str) -> dict[str, int]:
+    points = {}
+    for item in filter(None, (s.strip() for s in os.environ.get(variable, "").split(","))):
+        name, _, k = item.partition("@")
+        points[name] = int(k or 1)
+    return points
+
+
+_points = _parse("AUTORESEARCH_CRASH_AT")
+_failures = _parse("AUTORESEARCH_FAIL_AT")
 _seen: dict[str, int] = {}
 
 
 def point(name: str) -> None:
-    """SIGKILL this process if `name` is an armed crash point (no-op otherwise)."""
-    if not _points or name not in _points:
+    """SIGKILL this process (or raise) if `name` is an armed point (no-op otherwise)."""
+    if name not in _points and name not in _failures:
         return
     _seen[name] = _seen.get(name, 0) + 1
-    if _seen[name] == _points[name]:
+    if _seen[name] == _points.get(name):
         os.kill(os.getpid(), signal.SIGKILL)
+    if _seen[name] == _failures.get(name):
+        raise InjectedFailure(f"injected failure at {name}")

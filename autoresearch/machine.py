@@ -22,15 +22,18 @@ Payload keys, by trigger (experiment machine):
   finish     exit_code, signal, timed_out, killed, metric, memory_gb, duration_s, log_tail
   keep/discard/crash/reject/skip/give_up   reason, metric
   fail       reason, runs   (the baseline's run failed: the daemon blocks, then retries the same experiment)
-  interrupt  reason
+  interrupt  reason, graceful (a person's stop: never counts toward limits.max_interrupts)
 Daemon machine:
   boot       pid, version, profile, program_hash, config_hash, branch, overrides (run --proposer)
   block      reason, retry_at
+  unblock    request (when a `resume` ended the wait early)
   exhaust/stop  reason (stop: request, when asked through the inbox)
   baseline_done  n, commit, metric, sigma, threshold
   pause/resume   request (pause: restored=True when re-entered after a restart)
   note       kind: program_changed (old_hash, new_hash, added, removed) | config_reloaded |
-             config_rejected (error) | adopted_user_commit (commit) | request (request, outcome) |
+             config_rejected (error) | adopted_user_commit (commit) | request (request, action,
+             outcome: a request answered "ignored: ...") | failure (error, experiment, state,
+             daemon: an unexpected exception ended the daemon) |
              model (model, id, display_name, lifecycle, deprecated_at, retires_at, error)
 """
 

@@ -182,7 +182,8 @@ def experiment_text(exp: Experiment, diff: str | None = None, tail_chars: int = 
 
 
 def status_text(state: State, workspace: str, daemon_pid: int | None, run_elapsed: float | None = None,
-                budget: float | None = None, progress: str = "") -> str:
+                budget: float | None = None, progress: str = "", requests: Iterable[dict] = ()) -> str:
+    """`autoresearch status`; `requests`: those still in the inbox (control.pending_requests)."""
     cur = state.current()
     lines = [
         f"workspace:  {workspace}",
@@ -191,7 +192,16 @@ def status_text(state: State, workspace: str, daemon_pid: int | None, run_elapse
     if state.reason:
         lines.append(f"reason:     {state.reason}")
     if state.retry_at:
-        lines.append(f"retry at:   {state.retry_at}")
+        lines.append(f"retry at:   {state.retry_at}" + ("  (`autoresearch resume` retries now)"
+                                                          if state.daemon == "blocked" else ""))
+    if state.daemon_error:
+        lines.append(f"failed:     {state.daemon_error}; details in daemon.log")
+    requests = list(requests)
+    if requests:
+        listed = ", ".join(f"{r['action']}" + (f" exp {r['experiment']}" if r.get("experiment") is not None else "")
+                           + f" ({str(r.get('time', ''))[11:19]}Z)" for r in requests)
+        when = "when the daemon reads them" if daemon_pid else "when the daemon starts"
+        lines.append(f"requests:   {listed}: not read yet; they take effect {when}")
     lines.append(f"now:        {status_line(state, run_elapsed, budget, progress)}")
     if cur is not None:
         lines.append(f"current:    exp {cur.n} {cur.state}: {cur.description or '-'}")
@@ -233,7 +243,7 @@ def history_line(event) -> str:
     p = event.payload
     detail = []
     for key in ("description", "commit", "metric", "reason", "kind", "lifecycle", "exit_code", "request",
-                "outcome"):
+                "outcome", "error"):
         if key in p and p[key] not in (None, "", {}):
             value = p[key]
             if key == "commit":

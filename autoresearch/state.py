@@ -41,7 +41,8 @@ class Experiment:
     log: str = ""  # the latest run's output log, relative to the workspace
     failed_runs: int = 0  # a baseline's failed runs (each retried as this same experiment)
     failure: str = ""  # why the latest of them failed
-    interrupts: int = 0
+    interrupts: int = 0  # abnormal ones only (the daemon died, the run was lost): max_interrupts
+    stops: int = 0  # graceful ones: a person's stop, --for; re-run, never counted against it
     reason: str = ""  # why it ended as it did
     log_tail: str = ""
     sandbox: str = ""  # what its run got: bwrap | fallback | off (older logs: the configured mode)
@@ -65,6 +66,7 @@ class State:
     reason: str = ""  # why the daemon is blocked / exhausted / stopped
     retry_at: str = ""  # when a blocked daemon retries (UTC ISO)
     paused: bool = False  # a pause request not yet resumed: it outlives restarts
+    daemon_error: str = ""  # the unexpected exception that ended the last daemon, until the next boot
     experiments: dict[int, Experiment] = field(default_factory=dict)
     best_commit: str | None = None
     best_metric: float | None = None
@@ -138,6 +140,7 @@ def apply(state: State, event) -> State:
         t, kind = event.trigger, p.get("kind")
         if t == "boot":
             state.boots += 1
+            state.daemon_error = ""
             state.profile = p.get("profile") or state.profile
             state.program_hash = p.get("program_hash") or state.program_hash
             state.branch = p.get("branch") or state.branch
@@ -160,6 +163,9 @@ def apply(state: State, event) -> State:
             state.best_commit = p["commit"]
         elif t == "note" and kind == "numbering":
             state.next_floor = max(state.next_floor, int(p.get("next_n", 0)))
+        elif t == "note" and kind == "failure":
+            where = f"exp {p['experiment']} {p.get('state')}" if p.get("experiment") is not None else p.get("state")
+            state.daemon_error = f"{p.get('error', '')} (while {where})"
         if event.dest not in ("blocked", "exhausted", "stopped"):
             state.reason, state.retry_at = "", ""
         return state
@@ -203,7 +209,11 @@ def apply(state: State, event) -> State:
             exp.metrics.append(p["metric"])
         exp.memory_gb = p.get("memory_gb", exp.memory_gb)
     elif t == "interrupt":
-        exp.interrupts += 1
+        # Logs written before the `graceful` field: a person's stop said "daemon stopping (...)".
+        if p.get("graceful", p.get("reason", "").startswith("daemon stopping")):
+            exp.stops += 1
+        else:
+            exp.interrupts += 1
         exp.reason = p.get("reason", "")
     if t == "reject" and p.get("description"):  # rejected before `proposed`: its own description
         exp.description = p["description"]
