@@ -37,7 +37,7 @@ import structlog
 from . import __version__, config as config_mod, faults, progress, secrets
 from .alerts import Alerts
 from .control import INBOX_NAME, WorkspaceLock
-from .errors import ConfigError, CorruptLogError, Exit, WorkspaceError
+from .errors import ConfigError, CorruptLogError, Exit, UserError, WorkspaceError
 from .eventlog import EventLog, verify_path
 from .machine import LEGAL, Machines
 from .notify import Notifier, WatchdogTimer
@@ -433,6 +433,8 @@ class Daemon:
             self._loop()
             self._settle_skip()
             return 0
+        except UserError:
+            raise  # the user's to fix: one line and its own exit code (cli.main)
         except Exception as exc:  # a bug or an unforeseen condition, not a user's mistake
             self._failed(exc)
             return Exit.FAILED  # not in RestartPreventExitStatus: systemd restarts us
