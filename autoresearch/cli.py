@@ -696,7 +696,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--max-experiments", type=int, metavar="N",
                     help="stop once N experiments reach an outcome in this invocation (kept, discarded, "
                          "crashed, rejected or skipped; the re-run of an interrupted one counts when it "
-                         "ends; the baseline does not); 0: no experiment, only a baseline if there is none yet")
+                         "ends; a measured baseline does not, a failed baseline run does); 0: only a "
+                         "baseline if there is none yet")
     sp.add_argument("--for", dest="run_for", type=_duration, metavar="DURATION",
                     help="stop after this long, e.g. 90m or 8h")
     sp.add_argument("--journal", choices=["auto", "on", "off"], default="auto",
