@@ -329,22 +329,17 @@ class Daemon:
             if cur.files is not None and self.state.best_commit and head != self.state.best_commit \
                     and self.ws.commit_matches(head, cur.files, parent=self.state.best_commit):
                 known.add(head)  # killed between `git commit` and setting its ref
-        self._adopt_head = None
+        if self.state.adopted:
+            known.add(self.state.adopted)  # adopted before a restart, its baseline not measured yet
+        self._adopt_head, self._adopt_remeasure = None, False
         if head != best and head not in known and self._agent_leftovers_possible():
             known.add(head)  # an agent CLI's own commit, from before we died: kept aside, rolled back
         if head != best and head not in known:
-            # The user's own commits on top of best are fine unless they touch editable files:
-            # then the recorded metric of `best` would no longer describe the code.
-            try:
-                descends = self.ws.repo.is_ancestor(best, head)
-            except Exception:
-                descends = False
-            touched = self.ws.changes(base=best).paths
-            if not descends or any(p in self.cfg.run.editable for p in touched):
-                raise WorkspaceError(
-                    f"{self.root}: HEAD {head[:7]} is not the best commit {best[:7]} and changes "
-                    f"{', '.join(self.cfg.run.editable)}; check out {best[:7]} or start a new workspace")
+            # A person's own commit, made while no daemon ran: theirs, so it is adopted (never
+            # refused, never reset away). Unless it changes only the human's files, the recorded
+            # metric no longer describes the code: the baseline is measured again on it first.
             self._adopt_head = head
+            self._adopt_remeasure = any(p not in HUMAN_FILES for p in self.ws.changed_paths(best, head))
 
     # ------------------------------------------------------------------ recording
 
@@ -524,18 +519,26 @@ class Daemon:
             "boot", pid=os.getpid(), version=__version__, profile=self.cfg.workload.profile or st.profile,
             program_hash=st.program_hash or _sha256(program),
             config_hash=_sha256((self.root / config_mod.CONFIG_NAME).read_bytes()), branch=self.branch,
+            **({"program_missing": True} if not program_path.exists() else {}),
             **({"overrides": self.overrides} if self.overrides else {}))
         if self.overrides:
             log.warning("config overridden for this run (autoresearch.toml unchanged)", overrides=self.overrides)
+        if not program_path.exists():
+            log.warning("program.md is missing (deleted or never committed): an agent gets no instructions "
+                        "from you; restore it with `git checkout <commit> -- program.md` or write a new one")
         # Reconcile the world with the folded state.
         self.ws.clear_stale_locks()
         kill_tagged(self._run_tag())
-        if self._adopt_head:
-            # The user committed on top of best without touching editable files: the metric still
-            # holds, so their commit becomes the best (recorded, like everything).
-            self.machines.daemon.fire("note", kind="adopted_user_commit", commit=self._adopt_head,
-                                      previous=st.best_commit)
-        best = st.best_commit or self._adopt_head or self.ws.best() or self.ws.head()
+        mine = self._adopt_head
+        if mine:
+            # A person's commit (see _check_workspace), recorded as such. With `remeasure`, best
+            # moves to it only once its baseline is kept; until then it is `state.adopted`.
+            self.machines.daemon.fire("note", kind="adopted_user_commit", commit=mine,
+                                      previous=st.best_commit or self.ws.best(), remeasure=self._adopt_remeasure)
+            log.warning(f"your commit {mine[:7]} is adopted: "
+                        + ("the baseline is measured on it, then the loop goes on from it"
+                           if self._adopt_remeasure else "it changes only your files; the loop goes on from it"))
+        best = st.best_commit or self.ws.best() or self.ws.head()
         if self.ws.best() != best:
             self.ws.set_best(best)
         self._reconcile_numbers()
@@ -543,8 +546,15 @@ class Daemon:
         if cur is not None and cur.state != "interrupted":
             self.machines.experiment(cur.n, cur.state).fire(
                 "interrupt", reason="daemon restarted while the experiment was in flight", graceful=False)
-        if cur is None and (self.ws.head() != best or self.ws.changes().paths):
-            self._reset(best)
+        if cur is not None and mine:
+            # It was made on the old code, which the person's commit replaced.
+            self.machines.experiment(cur.n, "interrupted").fire(
+                "reject", reason=f"superseded by your commit {mine[:7]} (made while the daemon was stopped)")
+            self.machines.forget(cur.n)
+            cur = None
+        base = st.adopted or best  # what the loop goes on from
+        if cur is None and (self.ws.head() != base or self.ws.changes().paths):
+            self._reset(base)
         if st.paused:
             # Paused before this restart or reboot: stay paused. Recorded here, before the
             # inbox is read, so that a `resume` queued while the daemon was down applies.
@@ -913,12 +923,14 @@ class Daemon:
         if self.state.current() is not None:
             self._experiment_step()
             return
-        best = self.ws.best() or self.ws.head()
-        if self.ws.head() != best:
-            self._reset(best)
+        # A person's adopted commit (also the one made before the first run), else the best.
+        target = self.state.adopted or self.ws.best() or self.ws.head()
+        if self.ws.head() != target:
+            self._reset(target)
         files = self.ws.read_files()
+        parent = self.state.best_commit if self.state.best_commit != target else None
         self.machines.experiment(self.state.next_n()).fire(
-            "adopt", commit=best, parent=None, files=files, description="baseline",
+            "adopt", commit=target, parent=parent, files=files, description="baseline",
             hashes={p: self.ws.file_hash(p) for p in files})
 
     def _experiment_step(self) -> None:
@@ -956,7 +968,7 @@ class Daemon:
             if self.ws.best() != exp.commit:
                 self.ws.set_best(exp.commit)
         else:
-            self._reset(self.state.best_commit or self.ws.best())
+            self._reset(self.state.adopted or self.state.best_commit or self.ws.best())
         if exp.kind == "baseline":
             d = self.machines.daemon
             if exp.state == "kept":

@@ -31,7 +31,7 @@ Daemon machine:
   baseline_done  n, commit, metric, sigma, threshold
   pause/resume   request (pause: restored=True when re-entered after a restart)
   note       kind: program_changed (old_hash, new_hash, added, removed) | config_reloaded |
-             config_rejected (error) | adopted_user_commit (commit) | request (request, action,
+             config_rejected (error) | adopted_user_commit (commit, previous, remeasure) | request (request, action,
              outcome: a request answered "ignored: ...") | failure (error, experiment, state,
              daemon: an unexpected exception ended the daemon) |
              model (model, id, display_name, lifecycle, deprecated_at, retires_at, error)
@@ -73,7 +73,8 @@ EXPERIMENT_TRANSITIONS = [
     {"trigger": "proposed", "source": "proposing", "dest": "="},
     {"trigger": "spend", "source": "proposing", "dest": "="},
     {"trigger": "commit", "source": "proposing", "dest": "committed"},
-    {"trigger": "reject", "source": ["proposing", "committed"], "dest": "rejected"},
+    # (from interrupted: superseded by a person's commit made while the daemon was stopped)
+    {"trigger": "reject", "source": ["proposing", "committed", "interrupted"], "dest": "rejected"},
     {"trigger": "launch", "source": "committed", "dest": "training"},
     {"trigger": "finish", "source": "training", "dest": "judging"},
     {"trigger": "rerun", "source": "judging", "dest": "training"},

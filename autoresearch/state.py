@@ -71,7 +71,8 @@ class State:
     best_commit: str | None = None
     best_metric: float | None = None
     best_n: int | None = None
-    baseline_n: int | None = None
+    baseline_n: int | None = None  # None: no baseline measures the code (none yet, or a commit adopted)
+    adopted: str | None = None  # a person's commit waiting for its baseline (best moves to it then)
     noise_sigma: float | None = None
     threshold: float = 0.0  # the keep threshold in effect (max(min_delta, 2 sigma))
     program_hash: str = ""
@@ -150,6 +151,7 @@ def apply(state: State, event) -> State:
             state.reason = p.get("reason", "")
             state.retry_at = p.get("retry_at", "")
         elif t == "baseline_done":
+            state.adopted = None
             state.baseline_n = p["n"]
             state.best_commit, state.best_metric, state.best_n = p["commit"], p["metric"], p["n"]
             state.noise_sigma = p.get("sigma")
@@ -160,7 +162,10 @@ def apply(state: State, event) -> State:
             state.model = {k: p.get(k) for k in ("model", "id", "lifecycle", "deprecated_at", "retires_at",
                                                  "error")}
         elif t == "note" and kind == "adopted_user_commit":
-            state.best_commit = p["commit"]
+            if p.get("remeasure"):  # the metric of best no longer describes the code: measure it again
+                state.adopted, state.baseline_n = p["commit"], None
+            else:
+                state.best_commit = p["commit"]
         elif t == "note" and kind == "numbering":
             state.next_floor = max(state.next_floor, int(p.get("next_n", 0)))
         elif t == "note" and kind == "failure":

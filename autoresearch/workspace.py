@@ -357,6 +357,12 @@ class Workspace:
         return Changes(tuple(sorted(modified - added - deleted)), tuple(sorted(added - deleted)),
                        tuple(sorted(deleted - added)), head_moved)
 
+    @_git_errors
+    def changed_paths(self, a: str, b: str) -> list[str]:
+        """Paths that differ between commits a and b (added, deleted or modified)."""
+        raw = self.repo.git.diff("--name-only", "--no-renames", "-z", a, b)
+        return [p for p in raw.split("\0") if p]
+
     def scope_violations(self, changes: Changes) -> list[str]:
         """Human-readable violations, ``"<kind>: <path>"``; empty = within scope.
 

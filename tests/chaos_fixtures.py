@@ -86,12 +86,14 @@ def check_invariants(root: Path, api: ApiLog | None = None) -> list[str]:
     head = _git(root, "rev-parse", "HEAD")
     best_ref = _git(root, "rev-parse", "--verify", "-q", "refs/autoresearch/best")
     cur = st.current()
-    allowed = {st.best_commit} | ({cur.commit} if cur is not None and cur.commit else set())
+    allowed = {st.best_commit, st.adopted} | ({cur.commit} if cur is not None and cur.commit else set())
     if head not in allowed:
         problems.append(f"2 HEAD {head} is neither best {st.best_commit} nor the in-flight commit")
     last_kept = None
     for e in evs:  # the best moves on baseline_done, on a kept experiment, on an adopted user commit
-        if e.trigger == "baseline_done" or (e.trigger == "note" and e.payload.get("kind") == "adopted_user_commit"):
+        # (one that changes more than the human's files: only once its baseline is done)
+        if e.trigger == "baseline_done" or (e.trigger == "note" and e.payload.get("kind") == "adopted_user_commit"
+                                            and not e.payload.get("remeasure")):
             last_kept = e.payload["commit"]
         elif e.trigger == "keep" and st.experiments[e.experiment].kind == "experiment":
             last_kept = st.experiments[e.experiment].commit

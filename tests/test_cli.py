@@ -16,7 +16,8 @@ from autoresearch.cli import build_parser
 from autoresearch.control import WorkspaceLock
 from autoresearch.eventlog import GENESIS_HASH, event_hash
 
-from daemon_fixtures import GIT_IDENTITY, REPO, cli, events, git, make_workspace, state
+from daemon_fixtures import (GIT_IDENTITY, REPO, cli, current, events, git, make_workspace, spawn_daemon, state,
+                             wait_for)
 
 
 @pytest.fixture(scope="module")
@@ -260,3 +261,36 @@ def test_log_format(tmp_path):
     # Whatever is printed, daemon.log holds JSON.
     log = (tmp_path / "b" / ".autoresearch" / "daemon.log").read_text().splitlines()
     assert log and all(json.loads(line) for line in log)
+
+
+# The fixture run prints a progress line (with a terminal escape a person must never get raw), then works.
+PROGRESSING = '''import os, time
+print("step 7 | loss 2.5000 \\x1b]0;pwned\\x07| 0.5/1s", flush=True)
+time.sleep(float(os.environ.get("AUTORESEARCH_TEST_SLEEP", "2.5")))
+WIDTH = 64
+print(f"val_bpb: {1.0 + abs(WIDTH - 100) / 100}")
+'''
+
+
+def test_the_run_in_flight_is_shown_live_on_a_terminal(tmp_path):
+    screen = _run_on_a_terminal(make_workspace(tmp_path / "ws", train=PROGRESSING))
+    # The live line: redrawn in place (\r, erase line), dimmed, under the log lines.
+    live = [part for part in screen.split("\r\x1b[K") if part.startswith("\x1b[2m") and "\n" not in part]
+    assert any("training" in p and "/0:01 step 7 · loss 2.5000" in p for p in live), screen[-3000:]
+    assert "pwned" not in screen and "\x1b]0" not in screen  # the run's own escapes never reach the terminal
+    tail = screen.rsplit("\n", 1)[-1]
+    assert tail == "" or tail.endswith("\r\x1b[K"), repr(tail)  # and erased when the daemon ends
+
+
+def test_status_shows_the_run_in_flight(tmp_path):
+    root = make_workspace(tmp_path / "ws", train=PROGRESSING)
+    proc = spawn_daemon(root, env={"AUTORESEARCH_TEST_SLEEP": "60"})
+    try:
+        wait_for(lambda: current(root, "training"), timeout=60)
+        text = wait_for(lambda: (lambda s: s if "step 7" in s else None)(cli("status", str(root)).stdout), timeout=30)
+        assert re.search(r"now: +baseline \(exp 0\) training \d:\d\d/0:01 step 7 · loss 2\.5000 · best -", text), text
+        run = json.loads(cli("status", str(root), "--json").stdout)["current"]["run"]
+        assert run["elapsed_s"] > 0 and run["budget_s"] == 1.0 and run["step"] == 7 and run["loss"] == 2.5
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

@@ -378,3 +378,92 @@ def test_a_failing_baseline_ends_max_experiments_and_shows_in_status(tmp_path):
         assert f"{attempt} failed run" in status and "no module named nump" in status, status
     assert "baseline (exp 0) interrupted after 2 failed runs" in out.stderr
 
+
+
+# -- a person's own commits (made while no daemon runs)
+
+def _events_of(root, trigger, kind=None):
+    return [e for e in events(root) if e.trigger == trigger and kind in (None, e.payload.get("kind"))]
+
+
+def test_a_commit_before_the_first_run_is_the_baseline(tmp_path):
+    root = make_workspace(tmp_path / "ws")
+    (root / "train.py").write_text(edited(TRAIN, WIDTH=100))
+    git(root, "commit", "-qam", "my own start: WIDTH 100")
+    mine = git(root, "rev-parse", "HEAD")
+    run_daemon(root, n=1)
+    st = check_invariants(root)
+    base = st.experiments[0]
+    assert base.kind == "baseline" and base.commit == mine and base.state == "kept"
+    assert git(root, "merge-base", "--is-ancestor", mine, "HEAD") == ""  # still on the branch
+    assert st.experiments[1].parent == mine
+    assert [e.payload["commit"] for e in _events_of(root, "note", "adopted_user_commit")] == [mine]
+
+
+def test_a_commit_while_stopped_is_adopted_and_the_baseline_measured_on_it(tmp_path):
+    root = make_workspace(tmp_path / "ws")
+    run_daemon(root, ScriptedProposer([{"train.py": edited(TRAIN, WIDTH=3)}]), n=1)  # discarded
+    old = state(root)
+    (root / "train.py").write_text(edited(TRAIN, WIDTH=100))
+    git(root, "commit", "-qam", "mine: WIDTH 100")
+    mine = git(root, "rev-parse", "HEAD")
+    proposer = ScriptedProposer([{"train.py": edited(TRAIN, WIDTH=100, WARMUP=0.05)}])
+    run_daemon(root, proposer, n=1)
+    st = check_invariants(root)
+    note = _events_of(root, "note", "adopted_user_commit")[-1].payload
+    assert note["commit"] == mine and note["previous"] == old.best_commit and note["remeasure"] is True
+    base = st.experiments[2]  # measured again, on the person's commit, before anything is judged
+    assert base.kind == "baseline" and base.commit == mine and base.parent == old.best_commit
+    assert st.baseline_n == 2 and base.metric < old.best_metric
+    exp = st.experiments[3]
+    assert exp.parent == mine and proposer.contexts[0].files["train.py"] == edited(TRAIN, WIDTH=100)
+    assert st.best_commit == exp.commit and exp.state == "kept"  # judged against the new baseline
+    assert git(root, "merge-base", "--is-ancestor", mine, "HEAD") == ""
+
+
+def test_a_commit_of_program_md_alone_keeps_the_metric(tmp_path):
+    root = make_workspace(tmp_path / "ws")
+    run_daemon(root, n=1)
+    old = state(root)
+    git(root, "rm", "-q", "program.md")
+    git(root, "commit", "-qm", "no instructions")
+    mine = git(root, "rev-parse", "HEAD")
+    run_daemon(root, n=1)
+    st = check_invariants(root)
+    note = _events_of(root, "note", "adopted_user_commit")[-1].payload
+    assert note["commit"] == mine and note["remeasure"] is False
+    assert st.baseline_n == old.baseline_n and sorted(st.experiments) == [0, 1, 2]  # no second baseline
+    assert st.experiments[2].parent == mine
+    # The deletion is warned about, once, and recorded.
+    boot = _events_of(root, "boot")[-1].payload
+    assert boot["program_missing"] is True and not (root / "program.md").exists()
+
+
+def test_a_commit_supersedes_the_experiment_in_flight(tmp_path):
+    root = make_workspace(tmp_path / "ws")
+    mode = tmp_path / "mode"
+    mode.write_text("")
+    env = {"AUTORESEARCH_TEST_MODE": str(mode)}
+    assert cli("run", str(root), "--max-experiments", "0", env=env).returncode == 0  # the baseline
+    mode.write_text("sleep:60")
+    proc = spawn_daemon(root, env=env)
+    try:
+        wait_for(lambda: current(root, "training", n=1), timeout=60)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    mode.write_text("")
+    best = state(root).best_commit
+    git(root, "reset", "-q", "--hard", best)
+    (root / "train.py").write_text(edited(TRAIN, LEARNING_RATE=0.1))
+    git(root, "commit", "-qam", "mine")
+    mine = git(root, "rev-parse", "HEAD")
+    out = cli("run", str(root), "--max-experiments", "2", env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    st = check_invariants(root)
+    exp1 = st.experiments[1]
+    assert exp1.state == "rejected" and exp1.reason.startswith(f"superseded by your commit {mine[:7]}")
+    assert st.experiments[2].kind == "baseline" and st.experiments[2].commit == mine
+    assert st.experiments[3].parent == mine
