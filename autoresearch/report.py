@@ -68,7 +68,9 @@ def status_line(state: State, run_elapsed: float | None = None, budget: float | 
         if cur.kind == "baseline":
             text = f"baseline (exp {cur.n}) {cur.state}"
             if cur.failed_runs:
-                text += f" after {cur.failed_runs} failed run{'s' if cur.failed_runs > 1 else ''}"
+                waiting = "to run again" if cur.state == "interrupted" else cur.state  # (after `fail`)
+                text = (f"baseline (exp {cur.n}) {waiting} after {cur.failed_runs} failed "
+                        f"run{'s' if cur.failed_runs > 1 else ''}")
         if cur.state == "training" and run_elapsed is not None:
             text += f" {fmt_duration(run_elapsed)}"
             if budget:

@@ -376,7 +376,7 @@ def test_a_failing_baseline_ends_max_experiments_and_shows_in_status(tmp_path):
         assert sorted(st.experiments) == [0] and st.experiments[0].failed_runs == attempt
         status = cli("status", str(root)).stdout
         assert f"{attempt} failed run" in status and "no module named nump" in status, status
-    assert "baseline (exp 0) interrupted after 2 failed runs" in out.stderr
+    assert "baseline (exp 0) to run again after 2 failed runs" in out.stderr
 
 
 
