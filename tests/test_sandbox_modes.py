@@ -4,14 +4,16 @@ are not fully contained, and "strict" refuses to start without bubblewrap."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import time
 from pathlib import Path
 
 import pytest
 
 from autoresearch import sandbox
 
-from daemon_fixtures import cli, events, make_workspace
+from daemon_fixtures import cli, events, make_workspace, spawn_daemon, wait_for
 
 
 def _path_without_bwrap(tmp_path: Path) -> str:
@@ -64,3 +66,35 @@ def test_auto_with_bubblewrap_is_contained_and_quiet(tmp_path):
     assert "WARNING" not in out.stderr
     assert all(e.payload["sandbox"]["kind"] == "bwrap" for e in events(root) if e.trigger == "finish")
     assert "sandbox:" not in cli("status", str(root)).stdout
+
+
+def _in_dir(path: Path) -> list[int]:
+    out = []
+    for entry in os.listdir("/proc"):
+        try:
+            if entry.isdigit() and os.readlink(f"/proc/{entry}/cwd") == str(path):
+                with open(f"/proc/{entry}/stat") as f:
+                    if f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X"):
+                        out.append(int(entry))
+        except OSError:
+            continue
+    return out
+
+
+@pytest.mark.skipif(sandbox.bwrap_usable()[0] is None, reason="no bubblewrap here")
+def test_a_run_dies_with_a_daemon_killed_with_sigkill(tmp_path):
+    """--die-with-parent and the PID namespace: kill -9 of the daemon takes the whole run with it
+    (the fixture's "hang" forks a child), with no reconciliation needed."""
+    mode = tmp_path / "modes" / "mode"
+    mode.parent.mkdir()
+    mode.write_text("hang")
+    root = make_workspace(tmp_path / "ws", sandbox={"mode": "auto", "read_only": [str(mode.parent)]})
+    proc = spawn_daemon(root, env={"AUTORESEARCH_TEST_MODE": str(mode)})
+    checkout = root / ".autoresearch" / "slots" / "0"
+    try:
+        pids = wait_for(lambda: len(_in_dir(checkout)) >= 3 and _in_dir(checkout), timeout=60)
+    finally:
+        proc.kill()
+        proc.wait(10)
+    time.sleep(1.0)
+    assert [p for p in pids if os.path.exists(f"/proc/{p}") and p in _in_dir(checkout)] == []
