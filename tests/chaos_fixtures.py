@@ -4,9 +4,9 @@
   1. `verify` passes (gap-free sequence, intact hash chain, the log reaches its git anchors);
   2. the folded state agrees with git: HEAD is the best commit or the in-flight experiment's
      commit, every recorded experiment ref exists and matches, the best ref is the last kept commit;
-  3. every experiment has exactly one terminal event, as its last event; numbers are contiguous
-     (except a jump the log records: numbers git had taken); at most one experiment (the newest)
-     is still in flight;
+  3. every experiment has exactly one terminal event, as its last event (or none, where repair
+     recorded a gap after its last event); numbers are contiguous (except a jump the log records:
+     numbers git had taken); at most one experiment (the newest) is still in flight;
   4. `autoresearch results` prints exactly report.results_tsv(fold(log));
   5. no process carrying the workspace's run tag survives; no git lock file is left;
   6. (with an `ApiLog`) no API request for an experiment after its `proposed` event was recorded.
@@ -125,7 +125,11 @@ def check_invariants(root: Path, api: ApiLog | None = None) -> list[str]:
         ends = [e for e in seq if e.dest in TERMINAL]
         if len(ends) > 1 or (ends and ends[-1] is not seq[-1]):
             problems.append(f"3 exp {n}: terminal events {[e.trigger for e in ends]} in {[e.trigger for e in seq]}")
-    live = [n for n, e in st.experiments.items() if not e.terminal]
+    # An older experiment without an end is allowed only where repair recorded a gap after its
+    # last event (its terminal event was quarantined or lost): it is not in flight (State.current).
+    last_seq = {n: seq[-1].seq for n, seq in by_exp.items()}
+    live = [n for n, e in st.experiments.items() if not e.terminal
+            and not (n != max(ns) and any(a > last_seq.get(n, 0) for a, _ in st.gaps))]
     if len(live) > 1 or (live and live[0] != max(ns)):
         problems.append(f"3 experiments in flight: {live}")
 

@@ -262,3 +262,18 @@ def test_a_byte_that_breaks_utf8_is_quarantined_with_its_raw_bytes(tmp_path):
     assert result.kept == 5 and len(result.quarantined) == 1 and result.lost == []
     [damage] = verify_path(path).damage
     assert "not valid UTF-8" in damage.reason and "\\xff" in damage.raw
+
+
+def test_an_experiment_whose_end_was_quarantined_is_not_in_flight(tmp_path):
+    path = tmp_path / "events.sqlite"
+    log = EventLog.open(path)
+    for n, end in ((1, "discard"), (2, "keep")):
+        agg = f"experiment:{n}"
+        log.append(agg, "start", "new", "proposing", {"kind": "experiment"})
+        log.append(agg, end, "judging", "discarded" if end == "discard" else "kept", {"metric": 1.0 + n})
+    log.close()
+    _sql(path, "UPDATE events SET payload = '{\"metric\": 9}' WHERE seq = 2")  # experiment 1's end
+    repair(path)
+    st = EventLog.open_reader(path).state()
+    assert st.gaps == [(2, 2)] and st.experiments[1].state == "proposing"
+    assert st.current() is None and st.next_n() == 3  # not taken for the experiment in flight
