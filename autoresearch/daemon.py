@@ -1013,8 +1013,21 @@ class Daemon:
             model.fire("give_up", reason=f"interrupted {cur.interrupts} times")
         elif cur.commit:
             model.fire("retry", attempt=cur.runs + 1)
+        elif self._commit_lost(cur):
+            # Its commit exists but the log lost the events after its start (repair): a new
+            # proposal must not take its number, and the ref is never moved.
+            model.fire("give_up", reason=f"its events after the start were lost; its commit is kept at "
+                                         f"refs/autoresearch/exp/{cur.n}")
         else:
             model.fire("repropose")
+
+    def _commit_lost(self, cur) -> bool:
+        """Git holds experiment `cur`'s commit although the log records no commit, and the log
+        has no proposal that commit is known to be (then `_commit` would reuse it)."""
+        ref = self.ws.exp_ref(cur.n)
+        if ref is None:
+            return False
+        return cur.files is None or not self.ws.commit_matches(ref, cur.files, parent=self.state.best_commit)
 
     # -- proposing
 

@@ -296,7 +296,8 @@ def damage(workdir: Path, rounds: int, seed: int = 1) -> dict:
                 repaired["quarantined"] += quarantined
                 repaired["lost"] += lost
         taken = max((int(n.rsplit("/", 1)[1]) for n in refs), default=-1)
-        out = cli("run", str(root), "--max-experiments", "1", env={"AUTORESEARCH_TEST_MODE": str(mode)}, timeout=120)
+        # Two outcomes: an experiment whose start survived but not its commit ends first (given up).
+        out = cli("run", str(root), "--max-experiments", "2", env={"AUTORESEARCH_TEST_MODE": str(mode)}, timeout=120)
         if out.returncode != 0:
             bad.append(f"restart exited {out.returncode}: {out.stderr[-500:]}")
         bad += [f"ref moved: {m}" for m in refs_overwritten(refs, root)]

@@ -333,7 +333,8 @@ def _settled(tmp_path: Path, n: int = 3) -> Case:
 def _go_on(case: Case, refs_before: dict) -> None:
     """The daemon starts again, numbers the next experiment above all git knows, moves no ref."""
     taken = max(int(name.rsplit("/", 1)[1]) for name in refs_before)
-    out = case.run("--max-experiments", "1")
+    # Two outcomes: an experiment whose start survived but not its commit ends first (given up).
+    out = case.run("--max-experiments", "2")
     assert out.returncode == 0, out.stderr[-2000:]
     assert refs_overwritten(refs_before, case.root) == []
     st = fold(events(case.root))
@@ -544,5 +545,24 @@ def test_a_lost_wal_after_a_commit_leaves_a_ref_the_log_does_not_know(tmp_path):
         _go_on(case, refs)
         st = fold(events(case.root))
         assert 1 not in st.experiments and st.next_floor == 2
+    finally:
+        case.close()
+
+
+def test_an_experiment_that_lost_its_commit_event_is_given_up_not_reproposed(tmp_path):
+    """Only experiment 3's `start` survived, but git holds its commit: a new proposal under number 3
+    would need to move refs/autoresearch/exp/3. It is given up instead, and the loop goes on at 4."""
+    case = _settled(tmp_path)
+    try:
+        refs, evs = exp_refs(case.root), events(case.root)
+        start = min(e.seq for e in evs if e.experiment == 3)
+        conn = sqlite3.connect(case.root / EVENTS)
+        conn.execute("DELETE FROM events WHERE seq > ?", [start])
+        conn.commit()
+        conn.close()
+        assert cli("repair", str(case.root)).returncode == 0
+        _go_on(case, refs)
+        exp3 = fold(events(case.root)).experiments[3]
+        assert exp3.state == "crashed" and "refs/autoresearch/exp/3" in exp3.reason
     finally:
         case.close()
