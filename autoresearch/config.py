@@ -144,6 +144,21 @@ class WorkloadConfig:
 
 
 @dataclass(frozen=True)
+class EvalConfig:
+    """The human's evaluation step, run after each training run in a sandbox of its own (the
+    run's checkout read-only); the metric regex reads its output only. Empty command: the
+    built-in workload's evaluator, else none (the metric comes from the run's own output)."""
+
+    command: str = ""
+    files: tuple[str, ...] = ()  # the evaluation's own files: the human's, never editable
+    deadline_seconds: float = 0.0  # 0 -> run.deadline's rule (2 x budget + 120)
+
+    @property
+    def argv(self) -> list[str]:
+        return shlex.split(self.command)
+
+
+@dataclass(frozen=True)
 class NotifyConfig:
     """The human's notification hook (alerts.py); empty command: none."""
 
@@ -162,6 +177,7 @@ class Config:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     sandbox: SandboxConfig = field(default_factory=SandboxConfig)
     workload: WorkloadConfig = field(default_factory=WorkloadConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     notify: NotifyConfig = field(default_factory=NotifyConfig)
 
 
@@ -257,6 +273,18 @@ def _validate(cfg: Config) -> None:
     for path in cfg.sandbox.read_only:
         if not os.path.isabs(path):
             raise ConfigError(f"{CONFIG_NAME}: sandbox.read_only path {path!r} must be absolute")
+    try:
+        cfg.eval.argv
+    except ValueError as exc:
+        raise ConfigError(f"{CONFIG_NAME}: eval.command cannot be parsed: {exc}") from None
+    for path in cfg.eval.files:
+        norm = os.path.normpath(path)
+        if os.path.isabs(path) or norm.startswith("..") or norm != path:
+            raise ConfigError(f"{CONFIG_NAME}: eval.files path {path!r} must be relative and normal")
+        if path in run.editable:
+            raise ConfigError(f"{CONFIG_NAME}: {path!r} is an evaluation file: it cannot be editable by the agent")
+    if cfg.eval.files and not cfg.eval.command:
+        raise ConfigError(f"{CONFIG_NAME}: eval.files needs eval.command")
     if cfg.workload.profile not in ("", "cpu", "gpu"):
         raise ConfigError(f"{CONFIG_NAME}: workload.profile must be 'cpu' or 'gpu'")
     from .alerts import KINDS
@@ -384,6 +412,10 @@ COMMENTS = {
     "sandbox.read_only": "host paths a run may read besides its checkout, the Python install and the data cache",
     "sandbox.memory_mb": "0 = 90% of RAM",
     "workload.profile": "cpu | gpu; fixed for the life of the workspace",
+    "eval.command": "run after each run, checkout read-only; the metric comes from its output; '' = none "
+                    "(built-in workload: its own evaluator)",
+    "eval.files": "the evaluation's files: the human's (from the best commit), never editable",
+    "eval.deadline_seconds": "0 = like run.deadline_seconds",
     "notify.command": "run with sh -c on the events below, the event as JSON on stdin; '' = none",
     "notify.events": "new_best | crashed | blocked | exhausted | stopped | restarted",
     "notify.timeout_seconds": "the command's process group is killed after this",

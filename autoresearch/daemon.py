@@ -25,7 +25,9 @@ import os
 import shutil
 import signal
 import sqlite3
+import shutil
 import statistics
+import sys
 import threading
 import time
 from datetime import datetime, timezone
@@ -44,7 +46,7 @@ from .notify import Notifier, WatchdogTimer
 from .proposers.base import (HistoryRow, NoEdit, Proposal, ProposalContext, ProposerAuthError,
                              ProposerUnavailable)
 from .proposers.prompt import change_summary
-from .report import fmt_duration, status_line
+from .report import UNTRUSTED, fmt_duration, status_line
 from . import sandbox
 from .runner import Run, RunResult, SandboxSpec, kill_tagged, scrubbed_env
 from .state import State, apply
@@ -60,6 +62,9 @@ STATUS_REFRESH_S = 5.0  # STATUS= while a run is in flight: its elapsed time, th
 BACKOFF_S = (5, 15, 30, 60, 120, 300, 600)  # blocked: wait before retrying
 DISK_FULL_RETRY_S = (0.5, 30.0)  # first and longest wait between appends while the disk is full
 RUN_SLOT = 0  # one run at a time today; its checkout is .autoresearch/slots/0
+# A figure the run printed may differ from the trusted evaluation's by float noise only (the
+# same computation, another process); beyond this relative gap the run reported something else.
+TRUST_TOLERANCE = 1e-3
 PROGRAM_SETTLE_S = 0.2  # an editor's save may take several writes; record the settled text once
 
 
@@ -106,8 +111,9 @@ def _finite_or_none(value: float | None) -> float | None:
     return value if value is not None and math.isfinite(value) else None
 
 
-def _failure(result: RunResult) -> str:
-    """Why a finished run counts as crashed, or '' when it produced a usable metric."""
+def _failure(result: RunResult, need_metric: bool = True) -> str:
+    """Why a finished run counts as crashed, or '' when it produced a usable metric (or, with
+    need_metric False, ended well: its metric then comes from the evaluation step)."""
     if result.timed_out or result.killed == "deadline":
         return f"hard deadline: killed after {result.duration_s:.0f}s"
     if result.killed:
@@ -116,11 +122,40 @@ def _failure(result: RunResult) -> str:
         return f"killed by signal {result.signal}"
     if result.exit_code != 0:
         return f"exit code {result.exit_code}"
+    if not need_metric:
+        return ""
     if result.metric is None:
         return "no metric in the output"
     if not math.isfinite(result.metric):
         return f"metric is {result.metric}"
     return ""
+
+
+def _disagrees(printed: float | None, trusted: float) -> bool:
+    return printed is not None and not abs(printed - trusted) <= TRUST_TOLERANCE * max(1.0, abs(trusted))
+
+
+def _fail_line(tail: str) -> str:
+    """The evaluator's own reason (its last FAIL: line), if it gave one."""
+    lines = [ln for ln in tail.splitlines() if ln.startswith("FAIL: ")]
+    return lines[-1][6:].strip() if lines else ""
+
+
+def _place(root: Path, rel: str, data: bytes) -> None:
+    """Write `data` at root/rel, replacing whatever a run left there (a symlink is replaced,
+    never followed: the run's files are not to be trusted)."""
+    path = root
+    for part in Path(rel).parts[:-1]:
+        path = path / part
+        if path.is_symlink() or (path.exists() and not path.is_dir()):
+            path.unlink()
+        path.mkdir(exist_ok=True)
+    target = root / rel
+    if target.is_symlink() or target.is_file():
+        target.unlink()
+    elif target.exists():
+        shutil.rmtree(target)
+    target.write_bytes(data)
 
 
 def _check_strict(cfg: config_mod.Config) -> None:
@@ -182,6 +217,8 @@ class Daemon:
         self._run_started = 0.0
         self._status_sent = 0.0  # when STATUS= was last sent (monotonic)
         self._result: RunResult | None = None
+        # (failure, trusted metric, log tail) of the run's evaluation
+        self._evaluation: tuple[str, float | None, str] | None = None
         self._failures = 0  # consecutive blocks, for the backoff
         self._prepared = False  # prepare_command succeeded in this process: once per start
         self._session_experiments = 0  # experiments that reached an outcome in this invocation
@@ -543,7 +580,8 @@ class Daemon:
             self.ws.set_best(best)
         self._reconcile_numbers()
         cur = st.current()
-        if cur is not None and cur.state != "interrupted":
+        # An evaluation in flight is simply run again (from the run's saved outputs), not the run.
+        if cur is not None and cur.state not in ("interrupted", "evaluating"):
             self.machines.experiment(cur.n, cur.state).fire(
                 "interrupt", reason="daemon restarted while the experiment was in flight", graceful=False)
         if cur is not None and mine:
@@ -633,7 +671,7 @@ class Daemon:
                     self._experiment_step()
                 elif state == "paused":
                     cur = self.state.current()
-                    if cur is not None and (cur.state in ("committed", "training", "judging")
+                    if cur is not None and (cur.state in ("committed", "training", "evaluating", "judging")
                                             or self._skip_request is not None):
                         self._experiment_step()  # pause lets the current run finish
                     elif self._session_over():
@@ -666,7 +704,7 @@ class Daemon:
             self._run.kill("stop")
             self._wait_run_gone()
         cur = self.state.current()
-        if cur is not None and cur.state != "interrupted":
+        if cur is not None and cur.state not in ("interrupted", "evaluating"):  # evaluating: resumes
             # graceful: a person's stop (or --for) is no crash; it never counts toward max_interrupts
             self.machines.experiment(cur.n, cur.state).fire(
                 "interrupt", reason=f"daemon stopping ({self._stop_reason or 'stop requested'})", graceful=True)
@@ -948,6 +986,7 @@ class Daemon:
             "proposing": self._propose,
             "committed": self._launch,
             "training": self._train,
+            "evaluating": self._evaluate,
             "judging": self._judge,
             "interrupted": self._resume_interrupted,
         }[cur.state]
@@ -957,7 +996,7 @@ class Daemon:
 
     def _finished(self, n: int) -> None:
         self.machines.forget(n)
-        self._result = None
+        self._result = self._evaluation = None
         exp = self.state.experiments[n]
         self._checkpoint()  # the outcome is in the main file and anchored before its side effect
         if exp.kind == "experiment":
@@ -979,10 +1018,10 @@ class Daemon:
             elif d.state == "baseline":
                 self._block(f"baseline run failed: {exp.reason}")
 
-    def _baseline_failed(self, cur, model, failure: str, result: RunResult) -> None:
+    def _baseline_failed(self, cur, model, failure: str, log_tail: str) -> None:
         """Nothing is measured until the baseline runs: block, then run this same experiment again
         (not a new number per attempt). The reason carries the run's last lines: they say why."""
-        tail = progress.last_lines(result.log_tail)
+        tail = progress.last_lines(log_tail)
         model.fire("fail", reason=f"{failure}: {tail}" if tail else failure, runs=cur.runs)
         self._reset(cur.commit)  # whatever the run left in the worktree
         self._session_experiments += 1  # an outcome in this invocation (--max-experiments)
@@ -1293,7 +1332,7 @@ class Daemon:
         human = {p: (self.root / p).read_bytes() for p in HUMAN_FILES if (self.root / p).exists()}
         checkout = self.ws.run_checkout(RUN_SLOT, cur.commit, extra=human)
         layout = sandbox.Layout(checkout=checkout, hide=(self.root, Path(self.ws.repo.common_dir)),
-                                read_only=self._run_read_only(),
+                                read_only=self._run_read_only(), conceal=self._hidden_from_training(),
                                 home=os.environ.get("HOME") or "/tmp/home")
         self._run = Run.start(self.cfg.run.argv, checkout, log_path, self.cfg.run.hard_deadline,
                               self.cfg.run.log_max_bytes,
@@ -1314,6 +1353,27 @@ class Daemon:
             paths.append(Path(self.cfg.workload.data[4:]))
         return tuple(paths)
 
+    def _hidden_from_training(self) -> tuple[Path, ...]:
+        """What the training run must not see although the data cache is visible: each prepared
+        entry's validation split and the downloaded corpora (which hold it as text)."""
+        if not self.cfg.workload.profile:
+            return ()
+        from .trainer import VAL_DIR
+        from .trainer.prepare import move_val
+        from .trainer.settings import cache_dir
+        root = cache_dir()
+        for old in root.glob("*/val.bin"):  # an entry prepared before the split had its directory
+            move_val(old.parent)
+        return (*sorted(root.glob(f"*/{VAL_DIR}")), root / "downloads")
+
+    def _eval_argv(self) -> list[str] | None:
+        """The evaluation step: [eval] command, else the built-in workload's evaluator, else none."""
+        if self.cfg.eval.command:
+            return self.cfg.eval.argv
+        if self.cfg.workload.profile:
+            return [sys.executable, "-m", "autoresearch.trainer.evaluate"]
+        return None
+
     def _train(self, cur, model) -> None:
         run = self._run
         if run is None:  # cannot happen after _boot's interrupt; kept as a guard
@@ -1323,26 +1383,95 @@ class Daemon:
             return  # _experiment_step handles the skip on the next turn
         result = self._result = run.poll()
         self._run = None
-        model.fire("finish", exit_code=result.exit_code, signal=result.signal, timed_out=result.timed_out,
+        self._evaluation = None
+        evaluated = self._eval_argv() is not None and not _failure(result, need_metric=False)
+        model.fire("trained" if evaluated else "finish", exit_code=result.exit_code, signal=result.signal, timed_out=result.timed_out,
                    killed=result.killed, metric=_finite_or_none(result.metric),
                    metric_text=None if result.metric is None else repr(result.metric),
                    memory_gb=result.memory_gb, duration_s=round(result.duration_s, 3),
                    log_tail=result.log_tail[-4000:], log_truncated=result.log_truncated,
                    sandbox=result.sandbox)
 
+    def _evaluate(self, cur, model) -> None:
+        """The evaluation step, in a sandbox of its own: the run's checkout read-only, the human's
+        config and evaluation files put back over whatever the run left, the validation split
+        visible. Started afresh after a restart (the run's outputs are still in its checkout)."""
+        if self._run is None:
+            if cur.evaluations > self.cfg.limits.max_interrupts:
+                self._evaluation = (f"evaluation interrupted {cur.evaluations} times", None, "")
+                model.fire("evaluated", exit_code=None, metric=None, duration_s=0.0, log_tail="",
+                           failure=self._evaluation[0])
+                return
+            self._start_evaluation(cur, model)
+        run = self._run
+        if self._wait(lambda: run.poll() is not None) == "skip":
+            return
+        result = run.poll()
+        self._run = None
+        failure = _failure(result)
+        if failure:
+            reason = _fail_line(result.log_tail)
+            failure = f"evaluation: {reason}" if reason else f"evaluation failed: {failure}"
+        self._evaluation = (failure, result.metric, result.log_tail)
+        model.fire("evaluated", exit_code=result.exit_code, signal=result.signal, timed_out=result.timed_out,
+                   killed=result.killed, metric=_finite_or_none(result.metric),
+                   duration_s=round(result.duration_s, 3), log_tail=result.log_tail[-4000:],
+                   failure=failure, sandbox=result.sandbox)
+
+    def _start_evaluation(self, cur, model) -> None:
+        checkout = self.state_dir / "slots" / str(RUN_SLOT)  # as the training run left it
+        # The human's evaluation files: from the best commit (the baseline's own commit is the human's).
+        best = self.state.best_commit or (cur.commit if cur.kind == "baseline" else self.ws.best())
+        files = {p: data for p in self.cfg.eval.files if (data := self.ws.blob_at(best, p)) is not None}
+        missing = [p for p in self.cfg.eval.files if p not in files]
+        for p in HUMAN_FILES:
+            if (self.root / p).exists():
+                files[p] = (self.root / p).read_bytes()
+        if checkout.is_dir():
+            for rel, data in files.items():
+                _place(checkout, rel, data)
+        attempt = cur.evaluations + 1
+        log_path = self.state_dir / "runs" / (f"{cur.n}-eval.log" if attempt == 1 else f"{cur.n}-eval-{attempt}.log")
+        sb = self.cfg.sandbox
+        kind, why = sandbox.expected(sb.mode)
+        model.fire("evaluate", log=str(log_path.relative_to(self.root)), attempt=attempt, sandbox=kind,
+                   sandbox_why=why, files={p: _sha256(files[p]) for p in self.cfg.eval.files if p in files},
+                   missing=missing)
+        layout = sandbox.Layout(checkout=checkout, hide=(self.root, Path(self.ws.repo.common_dir)),
+                                read_only=self._run_read_only(), writable=False,
+                                home=os.environ.get("HOME") or "/tmp/home")
+        deadline = self.cfg.eval.deadline_seconds or self.cfg.run.hard_deadline
+        argv = self._eval_argv()
+        if not checkout.is_dir():  # the run's outputs are gone: nothing to evaluate
+            argv = [sys.executable, "-c", "print('FAIL: the run\'s checkout is gone'); raise SystemExit(2)"]
+        self._run = Run.start(argv, checkout if checkout.is_dir() else self.state_dir, log_path, deadline,
+                              self.cfg.run.log_max_bytes,
+                              SandboxSpec(sb.mode, sb.memory_mb, sb.max_processes, sb.max_file_mb, layout),
+                              self.cfg.run.metric_regex, None, env=self._run_env())
+        self._run_started = time.monotonic()
+        self._send_status()
+
     def _judge(self, cur, model) -> None:
         result = self._result
-        if result is None:  # cannot happen after _boot's interrupt; kept as a guard
+        evaluation = self._evaluation
+        if result is None and evaluation is None:  # cannot happen after _boot's interrupt; kept as a guard
             model.fire("interrupt", reason="result lost", graceful=False)
             return
-        failure = _failure(result)
+        if evaluation is not None:  # the run was evaluated: its figure is the evaluation's
+            failure, metric, tail = evaluation
+            if not failure and _disagrees(cur.printed, metric):
+                failure = f"{UNTRUSTED} (printed {cur.printed:.6f}, trusted {metric:.6f})"
+                if cur.kind != "baseline":
+                    model.fire("discard", metric=metric, reason=failure, printed=cur.printed)
+                    return
+        else:
+            failure, metric, tail = _failure(result), result.metric, result.log_tail
         if failure and cur.kind == "baseline":
-            self._baseline_failed(cur, model, failure, result)
+            self._baseline_failed(cur, model, failure, tail)
             return
         if failure:
             model.fire("crash", reason=failure)
             return
-        metric = result.metric
         if cur.kind == "baseline":
             if len(cur.metrics) < self.cfg.judge.noise_runs + 1:
                 self._start_run(cur, model, "rerun")

@@ -20,6 +20,10 @@ Payload keys, by trigger (experiment machine):
   launch     log, attempt, sandbox
   rerun      like launch (noise runs of the baseline)
   finish     exit_code, signal, timed_out, killed, metric, memory_gb, duration_s, log_tail
+  trained    like finish: a run that ended well, whose metric is then evaluated (metric: what
+             the run printed, or None)
+  evaluate   log, attempt, sandbox, files {path: sha256}   (an evaluation process started)
+  evaluated  exit_code, signal, killed, metric (the trusted one), duration_s, log_tail, failure
   keep/discard/crash/reject/skip/give_up   reason, metric
   fail       reason, runs   (the baseline's run failed: the daemon blocks, then retries the same experiment)
   interrupt  reason, graceful (a person's stop: never counts toward limits.max_interrupts)
@@ -64,9 +68,9 @@ DAEMON_TRANSITIONS = [
     {"trigger": "note", "source": "*", "dest": "="},
 ]
 
-EXPERIMENT_STATES = ["new", "proposing", "committed", "training", "judging", "kept", "discarded",
-                     "crashed", "rejected", "interrupted"]
-_LIVE = ["proposing", "committed", "training", "judging"]
+EXPERIMENT_STATES = ["new", "proposing", "committed", "training", "evaluating", "judging", "kept",
+                     "discarded", "crashed", "rejected", "interrupted"]
+_LIVE = ["proposing", "committed", "training", "evaluating", "judging"]
 EXPERIMENT_TRANSITIONS = [
     {"trigger": "start", "source": "new", "dest": "proposing"},
     {"trigger": "adopt", "source": "new", "dest": "committed"},
@@ -77,6 +81,10 @@ EXPERIMENT_TRANSITIONS = [
     {"trigger": "reject", "source": ["proposing", "committed", "interrupted"], "dest": "rejected"},
     {"trigger": "launch", "source": "committed", "dest": "training"},
     {"trigger": "finish", "source": "training", "dest": "judging"},
+    # A workspace with an evaluation step (the built-in workload's evaluator, or [eval]):
+    {"trigger": "trained", "source": "training", "dest": "evaluating"},
+    {"trigger": "evaluate", "source": "evaluating", "dest": "="},
+    {"trigger": "evaluated", "source": "evaluating", "dest": "judging"},
     {"trigger": "rerun", "source": "judging", "dest": "training"},
     {"trigger": "keep", "source": "judging", "dest": "kept"},
     {"trigger": "discard", "source": "judging", "dest": "discarded"},

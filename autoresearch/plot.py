@@ -10,7 +10,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .report import finished, outcome
+from .report import UNTRUSTED, finished, outcome, untrusted
 from .state import State
 
 # Experiments without a metric sit in a band beyond the worst one, one marker per outcome
@@ -41,6 +41,8 @@ def progress(state: State, direction: str = "minimize") -> list[Point]:
         if how == "kept" and (best is None or better(e.metric, best)):
             best = e.metric
         label = "baseline" if e.kind == "baseline" else (e.description or e.reason or f"exp {e.n}")
+        if untrusted(e):
+            label += f" ({UNTRUSTED})"
         points.append(Point(e.n, how, e.metric if measured else None, best, label, e.kind == "baseline"))
     return points
 

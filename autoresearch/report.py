@@ -86,6 +86,14 @@ def status_line(state: State, run_elapsed: float | None = None, budget: float | 
     return " · ".join(parts)
 
 
+UNTRUSTED = "reported metric differs from trusted evaluation"  # the judge's reason, named everywhere
+
+
+def untrusted(exp: Experiment) -> bool:
+    """Discarded (or crashed, a baseline) because what the run printed is not what was measured."""
+    return exp.reason.startswith(UNTRUSTED)
+
+
 def outcome(exp: Experiment) -> str:
     """How a finished experiment ended, as results, plot and show all name it:
     kept | discarded | skipped (discarded before its run gave a metric) | crashed | rejected."""
@@ -133,6 +141,8 @@ def results_rows(state: State) -> list[tuple[str, str, str, str, str]]:
             " ".join((exp.description or exp.reason or "").split()) or "-")
         if how == "skipped":
             description += f" ({exp.reason or 'skipped'}; no result)"
+        elif untrusted(exp):
+            description += f" ({exp.reason})"
         rows.append((commit, metric, memory, _STATUS_WORD[how], description))
     return rows
 
@@ -171,7 +181,10 @@ def experiment_text(exp: Experiment, diff: str | None = None, tail_chars: int = 
     metric = fmt_metric(exp.metric)
     if len(exp.metrics) > 1:
         metric += f"  (runs: {', '.join(fmt_metric(m) for m in exp.metrics)})"
-    lines += [f"metric:      {metric}", f"lines:       +{exp.added} -{exp.removed}"]
+    lines.append(f"metric:      {metric}")
+    if exp.printed is not None:  # measured by the evaluation step; this is what the run said
+        lines.append(f"printed:     {fmt_metric(exp.printed)} (by the run; the metric above is the trusted evaluation's)")
+    lines.append(f"lines:       +{exp.added} -{exp.removed}")
     if exp.reason:
         lines.append(f"reason:      {exp.reason}")
     if exp.cost_usd or exp.cost_unknown or any(exp.usage.values()):

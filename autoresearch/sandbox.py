@@ -18,7 +18,10 @@ kills every process of the run, whatever it forked or setsid'ed. Its file system
     files, ``.git``, ``.autoresearch/``) and ``$HOME`` (empty and writable);
   * read-only again inside the hidden trees: the Python installation, the autoresearch
     package, the import path, the data cache and ``sandbox.read_only`` paths;
-  * writable: only the run's own checkout (its ``.git`` link hidden) and the temp dirs.
+  * concealed (empty, read-only) inside what is visible: ``Layout.conceal`` (the training
+    run's view of the validation split and the downloaded corpora);
+  * writable: only the run's own checkout (its ``.git`` link hidden) and the temp dirs; the
+    evaluation step gets the checkout read-only (``Layout.writable`` False).
 """
 
 from __future__ import annotations
@@ -49,6 +52,8 @@ class Layout:
     hide: tuple[Path, ...] = ()  # the workspace and its git dir: not visible at all
     read_only: tuple[Path, ...] = ()  # data cache, extra paths: visible, read-only
     home: str = "/tmp/home"  # $HOME inside: an empty tmpfs
+    conceal: tuple[Path, ...] = ()  # directories inside the visible ones shown empty (the validation split)
+    writable: bool = True  # False: the checkout is read-only too (the evaluation step)
 
 
 @dataclass(frozen=True)
@@ -174,11 +179,14 @@ def bwrap_argv(bwrap: str, layout: Layout) -> list[str]:
             continue
         if any(_inside(path, m) for m in masked):
             argv += ["--ro-bind", str(path), str(path)]
-    argv += ["--bind", str(checkout), str(checkout)]
+    for path in sorted({Path(os.path.realpath(p)) for p in layout.conceal if os.path.isdir(p)}):
+        argv += ["--tmpfs", str(path), "--remount-ro", str(path)]
+    argv += ["--bind" if layout.writable else "--ro-bind", str(checkout), str(checkout)]
     if os.path.lexists(checkout / ".git"):
         argv += ["--ro-bind", "/dev/null", str(checkout / ".git")]
     for path in hidden:  # empty and read-only (after the mounts made inside them above)
-        argv += ["--remount-ro", str(path)]
+        if path != home:  # $HOME=/root (root's daemon): the run's writable home is that tmpfs
+            argv += ["--remount-ro", str(path)]
     argv += ["--chdir", str(checkout), "--setenv", "HOME", str(home)]
     # Compile caches in the run's own $HOME: nothing a run writes reaches a later run (a
     # poisoned kernel cache could skew its metric), at the price of compiling afresh each run.

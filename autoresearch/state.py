@@ -36,6 +36,8 @@ class Experiment:
     metric: float | None = None
     metrics: list[float] = field(default_factory=list)  # one per finished run (noise runs)
     memory_gb: float | None = None
+    printed: float | None = None  # what the run itself printed, when an evaluation step measured `metric`
+    evaluations: int = 0  # evaluation processes started for the current run (a restart re-runs one)
     runs: int = 0  # launches (reruns and retries included)
     launched: str = ""  # when the latest run was launched (UTC ISO)
     log: str = ""  # the latest run's output log, relative to the workspace
@@ -213,6 +215,18 @@ def apply(state: State, event) -> State:
         if p.get("metric") is not None:
             exp.metrics.append(p["metric"])
         exp.memory_gb = p.get("memory_gb", exp.memory_gb)
+    elif t == "trained":  # the run's own figure is only what it printed; the evaluation measures
+        exp.log_tail = p.get("log_tail", "")
+        exp.printed = p.get("metric")
+        exp.memory_gb = p.get("memory_gb", exp.memory_gb)
+        exp.evaluations = 0
+    elif t == "evaluate":
+        exp.evaluations += 1
+    elif t == "evaluated":
+        if p.get("log_tail"):
+            exp.log_tail = p["log_tail"]
+        if p.get("metric") is not None and not p.get("failure"):
+            exp.metrics.append(p["metric"])
     elif t == "interrupt":
         # Logs written before the `graceful` field: a person's stop said "daemon stopping (...)".
         if p.get("graceful", p.get("reason", "").startswith("daemon stopping")):

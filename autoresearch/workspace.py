@@ -411,6 +411,13 @@ class Workspace:
                 h.update(chunk)
         return h.hexdigest()
 
+    def blob_at(self, sha: str, path: str) -> bytes | None:
+        """The bytes of ``path`` in commit ``sha``; None when absent."""
+        try:
+            return (self.repo.commit(sha).tree / path).data_stream.read()
+        except KeyError:
+            return None
+
     def files_at(self, sha: str, paths: Iterable[str] | None = None) -> dict[str, str]:
         """Content of ``paths`` (default: the editable files) in commit ``sha``; absent ones omitted."""
         tree = self.repo.commit(sha).tree

@@ -300,7 +300,10 @@ class Attack:
         self.root = make_workspace(base / "ws", train=HOSTILE, workload={"profile": "cpu"},
                                    sandbox={"mode": "strict", "max_processes": MAX_PROCESSES,
                                             "memory_mb": MEMORY_MB},
-                                   run={"deadline_seconds": 40.0})
+                                   run={"deadline_seconds": 40.0},
+                                   # The hostile run hands over no model: the evaluation step (here a
+                                   # stand-in for the built-in evaluator) just repeats its figure.
+                                   eval={"command": "python -c \"print('val_bpb: 1.5')\""})
         self.evil = base / "evil.sh"
         self.canary = base / "canary"
         self.evil.write_text(f"#!/bin/sh\necho ran >> {self.canary}\n")
@@ -354,7 +357,8 @@ class Attack:
         raise AssertionError(f"no report from the hostile run: {self.out.stderr[-2000:]}")
 
     def finishes(self) -> list[dict]:
-        return [p for t, p in self.events() if t == "finish"]
+        # A run's end: `trained` where an evaluation step follows (the built-in workload's).
+        return [p for t, p in self.events() if t in ("finish", "trained")]
 
     def outputs(self) -> list[str]:
         """Everything a human or a later prompt could see of the runs."""

@@ -184,6 +184,9 @@ SCENARIOS = {
     "caps": ({"limits": {"max_experiments": 1}}, None, _caps),
     "scripted_agent": ("agent", None, _scripted_agent),
     "requests": ({}, None, _requests),
+    # An evaluation step (the fixture's train.py again, as [eval] command): a kill in evaluating
+    # re-runs the evaluation only.
+    "evaluation": ({"eval": {"command": "python train.py"}}, None, _plain),
 }
 
 # trigger -> (scenario, k: which occurrence in the killed process)
@@ -199,6 +202,7 @@ REACHES = {
     "fail": ("baseline_fails_once", 1),
     "reject": ("scripted_agent", 1), "crash": ("scripted_agent", 1), "discard": ("scripted_agent", 1),
     "pause": ("requests", 1), "resume": ("requests", 1), "skip": ("requests", 1),
+    "trained": ("evaluation", 1), "evaluate": ("evaluation", 1), "evaluated": ("evaluation", 1),
 }
 
 

@@ -313,7 +313,7 @@ def test_train_py_end_to_end_on_stdlib(tmp_path, cache):
     # It learned: better than the uniform distribution over the vocabulary on the same bytes.
     entry = harness.load(ws).entry
     meta = json.loads((entry / "meta.json").read_text())
-    val = np.fromfile(entry / "val.bin", dtype=np.uint16)[1:PROFILES["cpu"]["eval_tokens"] // 256 * 256 + 1]
+    val = np.fromfile(entry / "val" / "val.bin", dtype=np.uint16)[1:PROFILES["cpu"]["eval_tokens"] // 256 * 256 + 1]
     lengths = np.array(tokenizer.token_byte_lengths(tokenizer.load(entry / "tokenizer.json")))
     uniform = math.log2(meta["vocab_size"]) * (lengths[val] > 0).sum() / lengths[val].sum()
     assert 0 < val_bpb < uniform

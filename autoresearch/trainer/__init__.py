@@ -117,6 +117,8 @@ TEMPLATE_DEFAULTS: dict[str, dict] = {
 }
 
 _HERE = Path(__file__).resolve().parent
+EXPORT_NAME = "model.pt2"  # where train.py's W.submit() writes the exported model (its working dir)
+VAL_DIR = "val"  # a prepared entry's validation split: hidden from training runs, read by the evaluator
 
 
 def detect_profile() -> str:

@@ -7,7 +7,13 @@ the model's logits, on a pinned validation split.
     W = harness.load()                 # reads ./autoresearch.toml, prepares data if needed
     W.seq_len, W.vocab_size, W.budget_seconds, W.profile
     batches = W.train_batches(batch_size, device, seed)   # iterator of (x, y) int64 (B, T)
-    val_bpb = W.evaluate_bpb(model, device)               # model(x) -> logits (B, T, vocab_size)
+    val_bpb = W.submit(model, device)     # hands the model over (model(x) -> logits (B, T, vocab_size))
+
+submit() exports the model as a graph (torch.export, static shapes: the evaluation
+batch and context) to ./model.pt2; the daemon's evaluator (evaluate.py, a separate
+process in its own sandbox) computes the trusted val_bpb from that graph. Under
+bubblewrap the training run cannot see the validation split at all, so submit()
+returns None there; where it can (no sandbox) it returns evaluate_bpb's figure.
 
 val_bpb is the summed cross-entropy (nats) over the first `eval_tokens`
 target tokens of the validation split, divided by ln 2 and by the summed raw
@@ -38,6 +44,8 @@ from autoresearch.trainer import prepare as _prepare
 from autoresearch.trainer import tokenizer as _tokenizer
 from autoresearch.trainer.settings import Settings, budget_seconds, read_settings
 
+from autoresearch.trainer import EXPORT_NAME, VAL_DIR  # noqa: E402
+
 # Peak dense bf16 tensor throughput (FLOP/s) by CUDA device name, for MFU.
 CUDA_PEAK_FLOPS = {
     "H100 NVL": 835e12, "H100 PCIe": 756e12, "H100": 989.5e12, "H200": 989.5e12, "GH200": 989.5e12,
@@ -53,7 +61,6 @@ class Workload:
     meta: dict
     encoding: object  # tiktoken.Encoding
     train_tokens: np.ndarray
-    val_tokens: np.ndarray
     budget_seconds: float
 
     @property
@@ -79,9 +86,36 @@ class Workload:
     def train_batches(self, batch_size: int, device="cpu", seed: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         return train_batches(self.train_tokens, self.seq_len, batch_size, device, seed)
 
+    @property
+    def eval_batch_size(self) -> int:
+        return self.settings.constants["eval_batch_size"]
+
+    @property
+    def val_path(self) -> Path:
+        return self.entry / VAL_DIR / "val.bin"
+
+    @property
+    def val_tokens(self) -> np.ndarray:
+        """The validation split; hidden from the training sandbox (FileNotFoundError there)."""
+        return np.memmap(self.val_path, dtype=np.uint16, mode="r")
+
     def evaluate_bpb(self, model, device="cpu", batch_size: int | None = None) -> float:
         return evaluate_bpb(model, self.val_tokens, token_bytes(self.encoding), self.seq_len, self.eval_tokens,
-                            batch_size or self.settings.constants["eval_batch_size"], device)
+                            batch_size or self.eval_batch_size, device)
+
+    def submit(self, model, device="cpu") -> float | None:
+        """Hand the trained model to the harness: export it to ./model.pt2 for the trusted
+        evaluation, and return evaluate_bpb's figure where this process can read the
+        validation split (None where the sandbox hides it, as it does under bubblewrap)."""
+        t0 = time.perf_counter()
+        path = export_model(model, self.eval_batch_size, self.seq_len, device)
+        print(f"export: {path} {path.stat().st_size / 2**20:.1f} MiB in {time.perf_counter() - t0:.1f}s",
+              flush=True)
+        if not self.val_path.is_file():
+            print("submit: the validation split is hidden here; the daemon's evaluator measures val_bpb",
+                  flush=True)
+            return None
+        return self.evaluate_bpb(model, device)
 
 
 def load(workspace: Path | None = None) -> Workload:
@@ -97,7 +131,6 @@ def load(workspace: Path | None = None) -> Workload:
         settings=settings, entry=entry, meta=meta,
         encoding=_tokenizer.load(entry / "tokenizer.json"),
         train_tokens=np.memmap(entry / "train.bin", dtype=np.uint16, mode="r"),
-        val_tokens=np.memmap(entry / "val.bin", dtype=np.uint16, mode="r"),
         budget_seconds=budget_seconds(settings.profile),
     )
 
@@ -143,6 +176,31 @@ def train_batches(tokens: np.ndarray, seq_len: int, batch_size: int, device="cpu
         yield rows[:, :-1], rows[:, 1:]
 
 
+def _autocast(device: torch.device):
+    """The precision the metric is computed in: bf16 autocast on CUDA, full precision elsewhere."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def export_model(model, batch_size: int, seq_len: int, device="cpu", out: Path | None = None) -> Path:
+    """Export `model` (tokens (B, T) int64 -> logits) with torch.export at the evaluation's
+    static shapes, in eval mode and the metric's precision, to `out` (default ./model.pt2).
+    Written to a temporary name and renamed: a killed export leaves no file that looks whole."""
+    device = torch.device(device)
+    out = Path(out or EXPORT_NAME).absolute()
+    example = (torch.zeros(batch_size, seq_len, dtype=torch.int64, device=device),)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), _autocast(device):
+            program = torch.export.export(model, example, strict=False)
+    finally:
+        model.train(was_training)
+    tmp = out.with_name(f".tmp-{out.name}")  # torch.export.save wants the .pt2 suffix
+    torch.export.save(program, tmp)
+    os.replace(tmp, out)
+    return out
+
+
 def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
@@ -173,7 +231,7 @@ def _evaluate(model, tokens, token_bytes, seq_len, eval_tokens, batch_size, devi
     if n_windows == 0:
         raise ValueError(f"validation split has {len(tokens)} tokens, fewer than seq_len + 1 = {seq_len + 1}")
     table = token_bytes.to(device)
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext())
+    autocast = _autocast(device)
     was_training = model.training
     model.eval()
     total_nats = torch.zeros((), dtype=torch.float64, device=device)

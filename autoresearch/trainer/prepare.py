@@ -7,7 +7,9 @@ Layout under the cache dir (see settings.cache_dir)::
 
     <profile>-<key>/        key = hash(corpus fingerprint, profile constants, format)
       tokenizer.json        BPE ranks + split pattern (loaded into tiktoken)
-      train.bin, val.bin    uint16 token ids, each document preceded by BOS
+      train.bin, val/val.bin  uint16 token ids, each document preceded by BOS (the
+                            validation split in its own directory: the training
+                            sandbox hides that directory, the evaluator reads it)
       meta.json             fingerprint, counts; written last
     downloads/<corpus>/     downloaded files (+ .sha256 recorded at download)
 
@@ -19,6 +21,7 @@ no-op.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
@@ -36,6 +39,8 @@ from autoresearch.errors import UserError
 from autoresearch.trainer import tokenizer
 from autoresearch.trainer.settings import Settings, cache_dir, read_settings
 from autoresearch.trainer.sources import open_corpus
+
+from autoresearch.trainer import VAL_DIR  # noqa: E402
 
 FORMAT = 1  # bump when the on-disk layout or the split/tokenization rules change
 # Profile constants that shape the prepared data (the budget does not).
@@ -69,7 +74,14 @@ class Progress:
 @contextmanager
 def _locked(path: Path) -> Iterator[None]:
     # flock is released by the kernel when a holder dies, so a killed prepare never wedges the next.
-    with open(path, "a") as f:
+    try:
+        f = open(path, "a")
+    except OSError as exc:
+        if exc.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+            raise
+        yield  # a read-only cache (a sandboxed run's view): nobody can write it, nothing to lock
+        return
+    with f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
             yield
@@ -105,6 +117,7 @@ def ensure(settings: Settings | None = None, progress: Progress | None = None) -
         fingerprint = corpus.fingerprint()
         final = root / entry_key(settings, fingerprint)
         if (final / "meta.json").is_file():
+            move_val(final)
             return final
         for stale in root.glob(".tmp-*"):  # we hold the lock: any temp dir is from a killed run
             shutil.rmtree(stale, ignore_errors=True)
@@ -120,6 +133,14 @@ def ensure(settings: Settings | None = None, progress: Progress | None = None) -
     return final
 
 
+def move_val(entry: Path) -> None:
+    """An entry prepared before the split had its own directory: move val.bin into it (once)."""
+    old = entry / "val.bin"
+    if old.is_file():
+        (entry / VAL_DIR).mkdir(exist_ok=True)
+        os.replace(old, entry / VAL_DIR / "val.bin")
+
+
 def _build(out: Path, corpus, settings: Settings, fingerprint: str, progress: Progress) -> None:
     c = settings.constants
     t0 = time.monotonic()
@@ -130,7 +151,8 @@ def _build(out: Path, corpus, settings: Settings, fingerprint: str, progress: Pr
     train = _write_tokens(out / "train.bin", enc, bos, corpus.documents("train"),
                           max_chars=c["max_train_chars"], max_tokens=None, stage="tokenizing train", progress=progress)
     # The metric reads the first eval_tokens of val: tokenizing more would be wasted time.
-    val = _write_tokens(out / "val.bin", enc, bos, corpus.documents("val"),
+    (out / VAL_DIR).mkdir()
+    val = _write_tokens(out / VAL_DIR / "val.bin", enc, bos, corpus.documents("val"),
                         max_chars=None, max_tokens=c["eval_tokens"] + 1, stage="tokenizing val", progress=progress)
     meta = {
         "format": FORMAT, "fingerprint": fingerprint, "corpus": corpus.name, "data": settings.data,
