@@ -6,8 +6,9 @@ runs here: the model arrives as an exported graph (harness.submit), and
 
   1. the graph is refused when it calls an operator outside the allowlist (ATen and
      prims operators, minus those that touch files or print; no custom namespaces);
-  2. a causality probe changes the tokens after a few random positions t and requires
-     the logits at positions <= t to stay the same (within the dtype's tolerance);
+  2. a causality probe changes the tokens after a random position t in each row of one
+     batch and requires the logits at positions <= t to stay the same (within the dtype's
+     tolerance): one extra forward pass probes as many positions as the batch has rows;
   3. val_bpb is computed by the harness's own evaluate_bpb from the graph's logits.
 
 Prints ``val_bpb: X`` (the metric regex reads it); on a refusal prints ``FAIL: reason``
@@ -34,7 +35,6 @@ ALLOWED_NAMESPACES = ("aten", "prims")
 FORBIDDEN_OPS = frozenset({"from_file", "_print", "save", "load", "_assert_async", "_share_memory_",
                            "_fused_sdp_choice", "set_"})
 ALLOWED_PYTHON = {operator.getitem}
-PROBES = 3  # positions probed for causality
 EXIT_REFUSED = 2
 
 
@@ -150,12 +150,17 @@ def causality_probe(model: Static, tokens: np.ndarray, seq_len: int, vocab: int,
         raise Refused(f"the model returns shape {tuple(base.shape)}, expected (B, T, vocab) = "
                       f"({x.size(0)}, {seq_len}, {vocab})")
     tol = tolerance(base.dtype) * max(1.0, base.float().abs().max().item())
-    for t in sorted(rng.choice(seq_len - 1, size=min(PROBES, seq_len - 1), replace=False)):
-        changed = x.clone()
-        changed[:, t + 1:] = torch.from_numpy(rng.integers(0, vocab, size=(x.size(0), seq_len - t - 1))).to(device)
-        with harness._autocast(torch.device(device)):
-            out = model(changed)
-        moved = (out[:, : t + 1].float() - base[:, : t + 1].float()).abs().max().item()
+    # One more forward pass probes every row at its own cut t (random, distinct where the batch
+    # allows): the tokens after t are replaced, the logits at <= t must not move.
+    rows = x.size(0)
+    cuts = rng.choice(seq_len - 1, size=rows, replace=rows > seq_len - 1)
+    changed = x.clone()
+    for i, t in enumerate(cuts):
+        changed[i, t + 1:] = torch.from_numpy(rng.integers(0, vocab, size=seq_len - t - 1)).to(device)
+    with harness._autocast(torch.device(device)):
+        out = model(changed)
+    for i, t in enumerate(cuts):
+        moved = (out[i, : t + 1].float() - base[i, : t + 1].float()).abs().max().item()
         if not moved <= tol:
             raise Refused(f"causality probe: changing the tokens after position {t} changed the logits at "
                           f"positions <= {t} by {moved:.3g} (tolerance {tol:.3g}): the model sees the future")
