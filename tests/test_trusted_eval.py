@@ -105,6 +105,7 @@ def cheated(tmp_path_factory):
                                "budget_seconds": 1.0, "deadline_seconds": 300.0},
                           sandbox={"mode": "strict"},
                           workload={"profile": "cpu", "data": f"dir:{corpus}"},
+                          eval={},  # no [eval] command: the built-in evaluator
                           proposer={"kind": "command", "fallback": "reject"},
                           command={"argv": [sys.executable, str(agent)], "deadline_seconds": 30.0})
     cache = tmp / "cache"
