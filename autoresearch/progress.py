@@ -66,13 +66,17 @@ def parse(text: str) -> Progress:
 
 
 def tail(log_path: Path | str, size: int = READ_BYTES) -> str:
-    """The last `size` bytes of a log file as text; '' when it cannot be read."""
+    """The last `size` bytes of a log file as text, from its first whole line; '' when it cannot be read."""
     try:
         with open(log_path, "rb") as f:
-            f.seek(max(0, f.seek(0, os.SEEK_END) - size))
-            return f.read(size).decode("utf-8", errors="replace")
+            length = f.seek(0, os.SEEK_END)
+            f.seek(max(0, length - size))
+            text = f.read(size).decode("utf-8", errors="replace")
     except OSError:
         return ""
+    if length > size and "\n" in text:
+        text = text.split("\n", 1)[1]  # the cut first line would parse as a wrong figure
+    return text
 
 
 def read(log_path: Path | str) -> Progress:

@@ -35,7 +35,8 @@ from starlette.staticfiles import StaticFiles
 from .. import config as config_mod
 from ..errors import SystemRefusedError, UserError
 from . import auth, views
-from .source import LogReader, daemon_pid, git_diff, read_tail, run_log_path
+from .. import progress
+from .source import LogReader, daemon_pid, git_diff, run_log_path
 
 STATIC = Path(__file__).with_name("static")
 POLL_S = 0.25  # how often the log is read for new events (the page shows them within 2 s)
@@ -122,7 +123,7 @@ class Hub:
         launched = self.reader.launched.get(n)
         if exp.state == "training" and launched:  # in flight: what it is printing now
             path = run_log_path(self.root, n, launched[1])
-            log_text, source = read_tail(path), f"live: {path.relative_to(self.root)}"
+            log_text, source = progress.tail(path), f"live: {path.relative_to(self.root)}"
         events = self.reader.events(aggregate=f"experiment:{n}")
         if not (exp.state == "training" and launched):
             finished = [e for e in events if e.trigger == "finish"]  # the fold keeps no tails: memory
@@ -170,7 +171,7 @@ class Hub:
             if self._run_seen.get(path) == (st.st_size, st.st_mtime_ns):
                 continue
             self._run_seen[path] = (st.st_size, st.st_mtime_ns)
-            loss = views.latest_loss(views.clean_terminal_text(read_tail(path, 4000)))
+            loss = views.latest_loss(progress.tail(path, 4000))
             if loss is not None and loss != self._loss.get(slot["n"]):
                 self._loss[slot["n"]] = loss
                 out.append({"type": "run", "n": slot["n"], "loss": loss, "header": self.header()})

@@ -26,7 +26,6 @@ from ..eventlog import Event
 from ..state import State, apply
 
 EVENTS_NAME = "events.sqlite"
-RUN_LOG_TAIL_BYTES = 16_000
 DIFF_MAX_BYTES = 2_000_000
 _SELECT = ("SELECT seq, time, aggregate, trigger, source, dest, payload, hash FROM events "
            "WHERE seq > ? ORDER BY seq LIMIT ?")
@@ -153,22 +152,6 @@ def _pid_from_file(path: Path) -> int | None:
         return pid
     except (OSError, ValueError):
         return None
-
-
-def read_tail(path: Path, limit: int = RUN_LOG_TAIL_BYTES) -> str:
-    """The last `limit` bytes of a file as text ('' when it is missing)."""
-    try:
-        with open(path, "rb") as fh:
-            fh.seek(0, os.SEEK_END)
-            size = fh.tell()
-            fh.seek(max(0, size - limit))
-            data = fh.read(limit)
-    except OSError:
-        return ""
-    text = data.decode("utf-8", errors="replace")
-    if size > limit and "\n" in text:
-        text = text.split("\n", 1)[1]  # drop the partial first line
-    return text
 
 
 def run_log_path(root: Path, n: int, attempt: int) -> Path:

@@ -8,16 +8,14 @@ from __future__ import annotations
 
 import html
 import math
-import re
 from datetime import datetime
 from typing import Any, Iterable
 
-from .. import sanitize
+from .. import progress as progress_of_run, sanitize
 from ..plot import progress
 from ..report import listed, outcome
 from ..state import Experiment, State
 
-LOSS_RE = re.compile(r"\bloss[\s:=]+([-+]?[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)")
 # Large payload fields the page never needs in an event list (a finish event's log tail, a proposal's files).
 _BULKY = ("files", "log_tail")
 
@@ -33,14 +31,8 @@ def clean_terminal_text(text: str) -> str:
 
 
 def latest_loss(text: str) -> float | None:
-    """The last `loss` figure a run printed (e.g. `step 120 | loss 3.2104 | ...`)."""
-    found = None
-    for found in LOSS_RE.finditer(text):
-        pass
-    if found is None:
-        return None
-    value = float(found.group(1))
-    return value if math.isfinite(value) else None
+    """The last finite loss a run printed (progress.parse reads it, as `run` and `status` do)."""
+    return _finite(progress_of_run.parse(text).loss)
 
 
 def _finite(value: float | None) -> float | None:
