@@ -52,7 +52,15 @@ def _git_errors(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
-            return fn(*args, **kwargs)
+            try:
+                return fn(*args, **kwargs)
+            except BrokenPipeError:
+                # GitPython's persistent `git cat-file` helpers share the daemon's process group, so
+                # a Ctrl-C on the terminal kills them too: start fresh ones and try once more.
+                if not (args and isinstance(args[0], Workspace)):
+                    raise
+                args[0].repo.git.clear_cache()
+                return fn(*args, **kwargs)
         except git.GitCommandError as exc:
             detail = (exc.stderr or exc.stdout or "").strip().replace("\n", " ")
             detail = detail.removeprefix("stderr: ").strip("'")

@@ -314,3 +314,19 @@ def test_git_overhead_per_experiment(ws):
         times.append(time.perf_counter() - t0)
     # Typically ~20 ms here; the bound leaves room for a loaded CI machine.
     assert statistics.median(times) < 0.15, times
+
+
+def test_git_survives_a_ctrl_c_that_killed_gitpythons_helpers(ws):
+    """A Ctrl-C on the terminal reaches every process of the daemon's group, GitPython's persistent
+    `git cat-file` helpers included; the stop's anchor must still be written (it failed with
+    'Broken pipe' before)."""
+    import signal
+
+    ws.anchor(1, "a" * 64, 0)  # starts the cat-file helpers (a ref write looks its object up)
+    helpers = [h.proc for h in (ws.repo.git.cat_file_header, ws.repo.git.cat_file_all) if h is not None]
+    assert helpers, "GitPython keeps no cat-file helper: the test no longer reproduces a Ctrl-C"
+    for proc in helpers:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(5)
+    ws.anchor(2, "b" * 64, 0)
+    assert [seq for seq, _, _ in ws.anchors()] == [2, 1]
