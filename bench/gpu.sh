@@ -26,4 +26,6 @@ printf '[workload]\nprofile = "gpu"\ndata = "%s"\n' "${DATA:-stdlib}" > autorese
 "$PY" -m autoresearch.trainer.prepare
 AUTORESEARCH_TIME_BUDGET=60 "$PY" train.py 2>&1 | tee "$WORK/run.log"
 echo "=== summary ==="
-grep -E '^(throughput|val_bpb|mfu_percent|peak_vram_mb|num_steps|total_tokens_M|training_seconds|total_seconds):' "$WORK/run.log"
+grep -E '^(export|throughput|val_bpb|mfu_percent|peak_vram_mb|num_steps|total_tokens_M|training_seconds|total_seconds):' "$WORK/run.log"
+echo "=== trusted evaluation (the exported graph, in a process of its own) ==="
+"$PY" -m autoresearch.trainer.evaluate 2>&1 | grep -E '^(FAIL|eval_seconds|val_bpb):'

@@ -6,7 +6,10 @@
 
 Prints: prepare time (cold, into an empty cache, and warm), tokens/s, achieved
 FLOP/s, the fp32 matmul peak train.py measured in the same run and the
-fraction of it achieved (MFU), val_bpb and the wall time of `python train.py`.
+fraction of it achieved (MFU), val_bpb and the wall time of `python train.py`;
+then the hand-over (export size and time) and the trusted evaluation
+(`python -m autoresearch.trainer.evaluate`: its wall time as a share of the
+training budget, target <= 15 %, and its val_bpb beside the printed one).
 """
 
 from __future__ import annotations
@@ -68,6 +71,13 @@ def main() -> None:
                   f"{peak:.1f} GFLOP/s (measured in this run) | {100 * achieved / peak:.1f}% of peak | "
                   f"val_bpb {summary['val_bpb']} after {summary['training_seconds']} s training | "
                   f"steps {summary['num_steps']} | train.py wall {wall:.1f} s")
+            export = re.search(r"^export: \S+ ([\d.]+) MiB in ([\d.]+)s", out, re.M)
+            eval_wall, eval_out = timed([sys.executable, "-m", "autoresearch.trainer.evaluate"], ws, env)
+            trusted = float(re.search(r"^val_bpb:\s+(\S+)", eval_out, re.M).group(1))
+            budget = float(summary["training_seconds"])
+            print(f"run {i + 1}: export {export.group(1)} MiB in {export.group(2)} s | trusted evaluation "
+                  f"{eval_wall:.1f} s wall = {100 * eval_wall / budget:.1f}% of the {budget:.0f} s budget "
+                  f"(target <= 15%) | trusted val_bpb {trusted:.6f} vs printed {summary['val_bpb']}")
         if len(bpbs) > 1:
             print(f"val_bpb over {len(bpbs)} identical runs: min {min(bpbs):.6f} max {max(bpbs):.6f} "
                   f"spread {max(bpbs) - min(bpbs):.6f} stdev {statistics.stdev(bpbs):.6f}")
