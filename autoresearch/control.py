@@ -17,6 +17,7 @@ from .errors import LockedError
 
 LOCK_NAME = "daemon.lock"
 INBOX_NAME = "inbox"
+PROBE_GRACE_S = 0.2  # how long a starting daemon waits out another process's lock before refusing
 
 
 class WorkspaceLock:
@@ -34,11 +35,18 @@ class WorkspaceLock:
 
     def acquire(self) -> None:
         fd = os.open(self.state_dir, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise locked_error(self.state_dir, _read_pid(self.state_dir)) from None
+        # A reader's lock_holder() holds a shared lock for microseconds; a daemon holds it for
+        # good. So only a lock still taken after PROBE_GRACE_S means another daemon.
+        give_up = time.monotonic() + PROBE_GRACE_S
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= give_up:
+                    os.close(fd)
+                    raise locked_error(self.state_dir, _read_pid(self.state_dir)) from None
+                time.sleep(0.01)
         self._fd = fd
         self.write_pid()
 

@@ -353,3 +353,28 @@ def test_status_shows_requests_still_in_the_inbox(tmp_path, mode):
     assert cli("run", str(root), "--for", "1s", env=_env(mode)).returncode == 0
     assert "requests:" not in cli("status", str(root)).stdout
     assert json.loads(cli("status", str(root), "--json").stdout)["requests"] == []
+
+
+def test_a_readers_probe_of_the_lock_never_turns_a_starting_daemon_away(tmp_path):
+    """`status` and the other readers probe the workspace lock with a shared flock for an instant;
+    a daemon starting in that instant must wait it out, not refuse as if another daemon ran."""
+    import fcntl
+    import threading
+
+    from autoresearch.control import WorkspaceLock
+    from autoresearch.errors import LockedError
+
+    state_dir = tmp_path / ".autoresearch"
+    state_dir.mkdir()
+    probe = os.open(state_dir, os.O_RDONLY | os.O_DIRECTORY)
+    fcntl.flock(probe, fcntl.LOCK_SH | fcntl.LOCK_NB)  # a reader's probe, caught mid-way
+    threading.Timer(0.05, lambda: os.close(probe)).start()
+    lock = WorkspaceLock(state_dir)
+    lock.acquire()  # refused before: "another daemon (pid unknown) is running"
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(LockedError):
+            WorkspaceLock(state_dir).acquire()  # a daemon that holds it for good still refuses
+        assert time.monotonic() - t0 < 2
+    finally:
+        lock.release()
