@@ -38,7 +38,6 @@ import re
 import signal
 import socket
 import sqlite3
-import subprocess
 import sys
 import tempfile
 import threading
@@ -50,8 +49,8 @@ sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
 from autoresearch.eventlog import verify_path  # noqa: E402
 from autoresearch.state import fold  # noqa: E402
-from chaos_fixtures import (ApiLog, anchors, check_invariants, exp_refs, kept_or_discarded,  # noqa: E402
-                            refs_overwritten)
+from chaos_fixtures import (ApiLog, anchors, check_invariants, exp_refs, git_killed_inside,  # noqa: E402
+                            kept_or_discarded, refs_overwritten)
 from daemon_fixtures import cli, events, kill_runs, make_workspace, spawn_daemon  # noqa: E402
 
 
@@ -147,34 +146,6 @@ FAULTS = ("wal+kill", "kill", "truncate", "flip", "trailing", "kill-in-reset", "
 DAMAGES_LOG = {"truncate", "flip", "trailing"}  # the faults after which `verify` must fail
 
 
-def _git_wrapper(workdir: Path, verb: str) -> dict:
-    """A git that, the first time it runs `verb`, leaves what a kill -9 inside it leaves (git's
-    locks; for reset, the worktree reset and HEAD not moved yet) and SIGKILLs the daemon."""
-    marker = workdir / f"kill-in-{verb}"
-    marker.write_text("")
-    real = subprocess.run(["which", "git"], capture_output=True, text=True).stdout.strip()
-    script = workdir / f"git-{verb}"
-    action = ('for last in "$@"; do :; done\n      ' + real + ' show "$last:train.py" > train.py'
-              if verb == "reset" else ': > "$gd/next-index-$$.lock"')
-    script.write_text(f"""#!/bin/sh
-if [ -e {marker} ]; then
-  for a in "$@"; do
-    if [ "$a" = {verb} ]; then
-      rm -f {marker}
-      gd=$({real} rev-parse --git-dir)
-      {action}
-      : > "$gd/index.lock"
-      kill -9 $PPID
-      exit 137
-    fi
-  done
-fi
-exec {real} "$@"
-""")
-    script.chmod(0o755)
-    return {"GIT_PYTHON_GIT_EXECUTABLE": str(script)}
-
-
 def _apply(fault: str, root: Path, workdir: Path, rng: random.Random, mode: Path) -> str:
     """Inflict `fault` on the workspace; returns a note on what was done."""
     state_dir = root / ".autoresearch"
@@ -211,7 +182,7 @@ def _apply(fault: str, root: Path, workdir: Path, rng: random.Random, mode: Path
         verb = fault.rsplit("-", 1)[1]
         if verb == "reset":
             mode.write_text("crash")  # the experiment crashes: its rollback is a reset
-        out = cli("run", str(root), "--max-experiments", "1", env={**env, **_git_wrapper(workdir, verb)},
+        out = cli("run", str(root), "--max-experiments", "1", env={**env, **git_killed_inside(workdir, verb)},
                   timeout=120)
         mode.write_text("")
         (workdir / f"kill-in-{verb}").unlink(missing_ok=True)

@@ -183,3 +183,31 @@ def refs_overwritten(before: dict[str, str], root: Path) -> list[str]:
 def kept_or_discarded(root: Path) -> int:
     st = fold(events(root))
     return sum(1 for e in st.experiments.values() if e.kind == "experiment" and e.state in ("kept", "discarded"))
+
+
+def git_killed_inside(workdir: Path, verb: str) -> dict:
+    """A git that, the first time it runs `verb`, leaves what a kill -9 inside it leaves (git's
+    locks; for reset, the worktree reset and HEAD not moved yet) and SIGKILLs the daemon."""
+    marker = workdir / f"kill-in-{verb}"
+    marker.write_text("")
+    real = subprocess.run(["which", "git"], capture_output=True, text=True).stdout.strip()
+    script = workdir / f"git-{verb}"
+    action = ('for last in "$@"; do :; done\n      ' + real + ' show "$last:train.py" > train.py'
+              if verb == "reset" else ': > "$gd/next-index-$$.lock"')
+    script.write_text(f"""#!/bin/sh
+if [ -e {marker} ]; then
+  for a in "$@"; do
+    if [ "$a" = {verb} ]; then
+      rm -f {marker}
+      gd=$({real} rev-parse --git-dir)
+      {action}
+      : > "$gd/index.lock"
+      kill -9 $PPID
+      exit 137
+    fi
+  done
+fi
+exec {real} "$@"
+""")
+    script.chmod(0o755)
+    return {"GIT_PYTHON_GIT_EXECUTABLE": str(script)}

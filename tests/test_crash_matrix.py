@@ -34,7 +34,7 @@ from autoresearch.machine import DAEMON_TRANSITIONS, EXPERIMENT_TRANSITIONS
 from autoresearch.state import fold
 
 from anthropic_fake import FakeAnthropic, text_reply, tweak_constant
-from chaos_fixtures import (SCRIPTED_AGENT, ApiLog, check_invariants, exp_refs, kept_or_discarded,
+from chaos_fixtures import (SCRIPTED_AGENT, ApiLog, check_invariants, exp_refs, git_killed_inside, kept_or_discarded,
                             refs_overwritten)
 from daemon_fixtures import REPO, cli, current, events, git, has_event, kill_runs, make_workspace, spawn_daemon, wait_for
 
@@ -442,38 +442,6 @@ def test_a_deleted_wal_and_kill9_at_random_points(tmp_path):
         case.close()
 
 
-def _git_wrapper(tmp_path: Path, verb: str) -> dict:
-    """A `git` that, the first time it is asked to `verb`, does what a kill -9 in the middle leaves
-    (the locks git holds; for reset, the worktree already reset, HEAD not yet moved), then SIGKILLs
-    the daemon that ran it."""
-    marker = tmp_path / f"kill-in-{verb}"
-    marker.write_text("")
-    script = tmp_path / "git"
-    real = subprocess.run(["which", "git"], capture_output=True, text=True).stdout.strip()
-    script.write_text(f"""#!/bin/sh
-if [ -e {marker} ]; then
-  for a in "$@"; do
-    if [ "$a" = {verb} ]; then
-      rm -f {marker}
-      gd=$({real} rev-parse --git-dir)
-      if [ {verb} = reset ]; then
-        for last in "$@"; do :; done
-        {real} show "$last:train.py" > train.py
-      else
-        : > "$gd/next-index-$$.lock"
-      fi
-      : > "$gd/index.lock"
-      kill -9 $PPID
-      exit 137
-    fi
-  done
-fi
-exec {real} "$@"
-""")
-    script.chmod(0o755)
-    return {"GIT_PYTHON_GIT_EXECUTABLE": str(script)}
-
-
 @pytest.mark.parametrize("verb", ["reset", "commit"])
 def test_a_kill_inside_git_is_reconciled_before_judging_cleanliness(tmp_path, verb):
     case = Case(tmp_path, {})
@@ -481,7 +449,7 @@ def test_a_kill_inside_git_is_reconciled_before_judging_cleanliness(tmp_path, ve
         assert case.run("--max-experiments", "0").returncode == 0  # the baseline
         if verb == "reset":
             case.mode.write_text("crash")  # the next experiment crashes: its rollback is a reset
-        env = {**case.env, **_git_wrapper(tmp_path, verb)}
+        env = {**case.env, **git_killed_inside(tmp_path, verb)}
         out = cli("run", str(case.root), "--max-experiments", "1", env=env, timeout=90)
         assert out.returncode == -signal.SIGKILL, out.stderr[-2000:]
         assert list((case.root / ".git").glob("*.lock"))
