@@ -19,6 +19,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from autoresearch import config as config_mod
 from autoresearch.eventlog import EventLog
 from autoresearch.proposers.base import NoEdit, Proposal
@@ -245,3 +247,16 @@ def editable_install(clone: Path) -> Path:
     script.write_text(f"#!{python}\nimport sys\nfrom autoresearch.cli import main\nsys.exit(main())\n")
     script.chmod(0o755)
     return script
+
+
+@pytest.fixture
+def mode(tmp_path):
+    """A file that switches the fixture workload's behaviour (see the module's docstring)."""
+    path = tmp_path / "mode"
+    path.write_text("")
+    return path
+
+
+def mode_env(mode, **extra):
+    """The environment that points a run at the `mode` file."""
+    return {"AUTORESEARCH_TEST_MODE": str(mode), **extra}

@@ -18,18 +18,7 @@ from autoresearch.daemon import Daemon
 from autoresearch.proposers.base import ProposerUnavailable
 
 from daemon_fixtures import (REPO, TRAIN, ScriptedProposer, cli, current, edited, events, factory, has_event,
-                             kill9, make_workspace, spawn_daemon, state, tagged_processes, wait_for)
-
-
-@pytest.fixture
-def mode(tmp_path):
-    path = tmp_path / "mode"
-    path.write_text("")
-    return path
-
-
-def _env(mode, **extra):
-    return {"AUTORESEARCH_TEST_MODE": str(mode), **extra}
+                             kill9, make_workspace, mode, mode_env, spawn_daemon, state, tagged_processes, wait_for)
 
 
 def _answers(root, rid):
@@ -65,7 +54,7 @@ def test_pause_resume_skip_during_a_run(tmp_path, mode):
     """The three commands used to kill the daemon (AttributeError in _prepare) and left `status`
     saying `preparing` for the rest of the run."""
     root = make_workspace(tmp_path / "ws", run={"prepare_command": "python -c pass"})
-    proc = spawn_daemon(root, env=_env(mode))
+    proc = spawn_daemon(root, env=mode_env(mode))
     try:
         victim = _training_experiment(root, mode)
         assert cli("pause", str(root)).returncode == 0
@@ -93,7 +82,7 @@ def test_pause_resume_skip_during_a_run(tmp_path, mode):
 def test_an_unexpected_exception_is_logged_and_exits_non_zero(tmp_path, mode):
     root = make_workspace(tmp_path / "ws")
     out = cli("run", str(root), "--max-experiments", "2",
-              env=_env(mode, AUTORESEARCH_FAIL_AT="pre:launch@2"))  # experiment 1's launch
+              env=mode_env(mode, AUTORESEARCH_FAIL_AT="pre:launch@2"))  # experiment 1's launch
     assert out.returncode == 1, out.stderr
     assert "Traceback" not in out.stderr
     line = [ln for ln in out.stderr.splitlines() if ln.startswith("autoresearch: error:")]
@@ -110,7 +99,7 @@ def test_an_unexpected_exception_is_logged_and_exits_non_zero(tmp_path, mode):
     status = cli("status", str(root))
     assert "failed:" in status.stdout and "injected failure" in status.stdout
     # What systemd's Restart= does next: start again; the experiment is re-run from its commit.
-    out = cli("run", str(root), "--max-experiments", "1", env=_env(mode))
+    out = cli("run", str(root), "--max-experiments", "1", env=mode_env(mode))
     assert out.returncode == 0, out.stderr
     exp = state(root).experiments[1]
     assert exp.terminal and exp.interrupts == 1  # the failure was abnormal: it counts
@@ -123,7 +112,7 @@ def test_an_unexpected_exception_is_logged_and_exits_non_zero(tmp_path, mode):
 def test_two_skips_and_two_stops_in_the_inbox_each_get_an_answer(tmp_path, mode):
     root = make_workspace(tmp_path / "ws")
     state_dir = root / ".autoresearch"
-    proc = spawn_daemon(root, env=_env(mode))
+    proc = spawn_daemon(root, env=mode_env(mode))
     try:
         victim = _training_experiment(root, mode)
         os.kill(proc.pid, signal.SIGSTOP)
@@ -152,7 +141,7 @@ def test_two_skips_and_two_stops_in_the_inbox_each_get_an_answer(tmp_path, mode)
 def test_a_skip_then_a_stop_in_the_inbox_skips_then_stops(tmp_path, mode):
     root = make_workspace(tmp_path / "ws")
     state_dir = root / ".autoresearch"
-    proc = spawn_daemon(root, env=_env(mode))
+    proc = spawn_daemon(root, env=mode_env(mode))
     try:
         victim = _training_experiment(root, mode)
         os.kill(proc.pid, signal.SIGSTOP)
@@ -173,7 +162,7 @@ def test_a_skip_then_a_stop_in_the_inbox_skips_then_stops(tmp_path, mode):
 
 def test_a_skip_aimed_at_an_experiment_that_ended_is_answered(tmp_path, mode):
     root = make_workspace(tmp_path / "ws")
-    proc = spawn_daemon(root, env=_env(mode))
+    proc = spawn_daemon(root, env=mode_env(mode))
     try:
         victim = _training_experiment(root, mode)
         os.kill(proc.pid, signal.SIGSTOP)
@@ -190,7 +179,7 @@ def test_a_skip_aimed_at_an_experiment_that_ended_is_answered(tmp_path, mode):
 
 def test_the_cli_says_truly_where_an_unanswered_request_is(tmp_path, mode):
     root = make_workspace(tmp_path / "ws")
-    proc = spawn_daemon(root, env=_env(mode))
+    proc = spawn_daemon(root, env=mode_env(mode))
     try:
         _training_experiment(root, mode)
         os.kill(proc.pid, signal.SIGSTOP)  # a daemon that does not answer
@@ -228,7 +217,7 @@ def test_graceful_stops_do_not_count_as_interruptions(tmp_path, mode):
     root = make_workspace(tmp_path / "ws", limits={"max_interrupts": 0})
     n = None
     for how in ("SIGTERM", "SIGINT", "stop"):
-        proc = spawn_daemon(root, env=_env(mode))
+        proc = spawn_daemon(root, env=mode_env(mode))
         try:
             if n is None:
                 n = _training_experiment(root, mode).n
@@ -247,7 +236,7 @@ def test_graceful_stops_do_not_count_as_interruptions(tmp_path, mode):
     assert len(stops) == 3 and all(e.payload["graceful"] is True for e in stops)
     mode.write_text("")
     # --max-experiments counts outcomes in this invocation: the re-run of n is the one.
-    out = cli("run", str(root), "--max-experiments", "1", env=_env(mode))
+    out = cli("run", str(root), "--max-experiments", "1", env=mode_env(mode))
     assert out.returncode == 0, out.stderr
     st = state(root)
     assert st.experiments[n].state in ("kept", "discarded") and sorted(st.experiments) == list(range(n + 1))
@@ -255,13 +244,13 @@ def test_graceful_stops_do_not_count_as_interruptions(tmp_path, mode):
 
 def test_a_lost_run_still_counts(tmp_path, mode):
     root = make_workspace(tmp_path / "ws", limits={"max_interrupts": 0})
-    proc = spawn_daemon(root, env=_env(mode))
+    proc = spawn_daemon(root, env=mode_env(mode))
     try:
         n = _training_experiment(root, mode).n
     finally:
         kill9(proc)
     mode.write_text("")
-    out = cli("run", str(root), "--max-experiments", "1", env=_env(mode))
+    out = cli("run", str(root), "--max-experiments", "1", env=mode_env(mode))
     assert out.returncode == 0, out.stderr
     exp = state(root).experiments[n]
     assert exp.state == "crashed" and exp.reason == "interrupted 1 times"
@@ -318,7 +307,7 @@ def test_resume_while_blocked_retries_now(tmp_path, mode):
     flag.write_text("")
     prepare = f"python -c \"import os, sys; sys.exit(os.path.exists('{flag}'))\""
     root = make_workspace(tmp_path / "ws", run={"prepare_command": prepare})
-    proc = spawn_daemon(root, env=_env(mode))
+    proc = spawn_daemon(root, env=mode_env(mode))
     try:
         # The second block waits 15 s (backoff): long enough to see that resume does not wait.
         wait_for(lambda: has_event(root, "boot") and len([e for e in events(root) if e.trigger == "block"]) == 2,
@@ -342,7 +331,7 @@ def test_resume_while_blocked_retries_now(tmp_path, mode):
 
 def test_status_shows_requests_still_in_the_inbox(tmp_path, mode):
     root = make_workspace(tmp_path / "ws")
-    assert cli("run", str(root), "--max-experiments", "0", env=_env(mode)).returncode == 0
+    assert cli("run", str(root), "--max-experiments", "0", env=mode_env(mode)).returncode == 0
     out = cli("pause", str(root))
     assert out.returncode == 0 and "queued" in out.stdout
     status = cli("status", str(root)).stdout
@@ -350,7 +339,7 @@ def test_status_shows_requests_still_in_the_inbox(tmp_path, mode):
     assert line and "pause" in line[0] and "not read yet" in line[0], status
     data = json.loads(cli("status", str(root), "--json").stdout)
     assert [r["action"] for r in data["requests"]] == ["pause"]
-    assert cli("run", str(root), "--for", "1s", env=_env(mode)).returncode == 0
+    assert cli("run", str(root), "--for", "1s", env=mode_env(mode)).returncode == 0
     assert "requests:" not in cli("status", str(root)).stdout
     assert json.loads(cli("status", str(root), "--json").stdout)["requests"] == []
 

@@ -9,33 +9,21 @@ import pytest
 
 from autoresearch.eventlog import verify_path
 
-from daemon_fixtures import (cli, current, events, git, has_event, kill9, make_workspace, spawn_daemon, state,
-                             tagged_processes, wait_for)
-
-
-@pytest.fixture
-def mode(tmp_path):
-    """A file that switches the fixture workload's behaviour (see daemon_fixtures)."""
-    path = tmp_path / "mode"
-    path.write_text("")
-    return path
-
-
-def _env(mode, **extra):
-    return {"AUTORESEARCH_TEST_MODE": str(mode), **extra}
+from daemon_fixtures import (cli, current, events, git, has_event, kill9, make_workspace, mode, mode_env, spawn_daemon,
+                             state, tagged_processes, wait_for)
 
 
 def test_kill9_during_a_run_then_restart_reruns_it(tmp_path, mode):
     root = make_workspace(tmp_path / "ws")
     mode.write_text("sleep:30")
-    proc = spawn_daemon(root, "--max-experiments", "1", env=_env(mode))
+    proc = spawn_daemon(root, "--max-experiments", "1", env=mode_env(mode))
     try:
         wait_for(lambda: current(root, "training", 0) and tagged_processes(root), timeout=60)
     finally:
         kill9(proc)
     assert tagged_processes(root)  # the orphaned run is still there...
     mode.write_text("")
-    out = cli("run", str(root), "--max-experiments", "1", env=_env(mode))
+    out = cli("run", str(root), "--max-experiments", "1", env=mode_env(mode))
     assert out.returncode == 0, out.stderr
     assert tagged_processes(root) == []  # ...and the restart killed it
     st = state(root)
@@ -68,7 +56,7 @@ def test_kill9_between_git_commit_and_its_event_is_reconciled(tmp_path):
 def test_sigterm_during_a_run_is_graceful(tmp_path, mode):
     root = make_workspace(tmp_path / "ws")
     mode.write_text("sleep:60")
-    proc = spawn_daemon(root, env=_env(mode))
+    proc = spawn_daemon(root, env=mode_env(mode))
     wait_for(lambda: current(root, "training", 0) and tagged_processes(root), timeout=60)
     t0 = time.monotonic()
     proc.send_signal(signal.SIGTERM)
@@ -78,14 +66,14 @@ def test_sigterm_during_a_run_is_graceful(tmp_path, mode):
     st = state(root)
     assert st.daemon == "stopped" and st.experiments[0].state == "interrupted"
     mode.write_text("")
-    out = cli("run", str(root), "--max-experiments", "1", env=_env(mode))
+    out = cli("run", str(root), "--max-experiments", "1", env=mode_env(mode))
     assert out.returncode == 0
     assert state(root).experiments[0].state == "kept"
 
 
 def test_control_requests_take_effect_within_a_second(tmp_path, mode):
     root = make_workspace(tmp_path / "ws")
-    proc = spawn_daemon(root, env=_env(mode))
+    proc = spawn_daemon(root, env=mode_env(mode))
     timings = {}
 
     def request(action):
@@ -132,7 +120,7 @@ def test_a_request_without_a_daemon_is_a_clear_error(tmp_path):
 
 def test_a_pause_outlives_a_restart_and_a_queued_resume_ends_it(tmp_path, mode):
     root = make_workspace(tmp_path / "ws")
-    proc = spawn_daemon(root, env=_env(mode))
+    proc = spawn_daemon(root, env=mode_env(mode))
     try:
         wait_for(lambda: has_event(root, "baseline_done"), timeout=60)
         assert cli("pause", str(root)).returncode == 0
@@ -144,7 +132,7 @@ def test_a_pause_outlives_a_restart_and_a_queued_resume_ends_it(tmp_path, mode):
             kill9(proc)
     done = len(state(root).experiments)
     # A restart (a reboot, systemd's Restart=) stays paused: no experiment starts.
-    out = cli("run", str(root), "--for", "2s", env=_env(mode))
+    out = cli("run", str(root), "--for", "2s", env=mode_env(mode))
     assert out.returncode == 0, out.stderr
     restored = [e for e in events(root) if e.trigger == "pause"][-1]
     assert restored.payload.get("restored") is True and restored.source == "starting"
@@ -152,7 +140,7 @@ def test_a_pause_outlives_a_restart_and_a_queued_resume_ends_it(tmp_path, mode):
     # `resume` while no daemon runs is queued, and the next start acts on it.
     out = cli("resume", str(root))
     assert out.returncode == 0 and "queued" in out.stdout, out.stderr
-    out = cli("run", str(root), "--max-experiments", "1", env=_env(mode))
+    out = cli("run", str(root), "--max-experiments", "1", env=mode_env(mode))
     assert out.returncode == 0, out.stderr
     st = state(root)
     assert not st.paused and len(st.experiments) == done + 1 and st.experiments[done].terminal
@@ -161,7 +149,7 @@ def test_a_pause_outlives_a_restart_and_a_queued_resume_ends_it(tmp_path, mode):
 def test_sighup_with_a_broken_config_keeps_the_old_one(tmp_path, mode):
     root = make_workspace(tmp_path / "ws")
     mode.write_text("sleep:60")
-    proc = spawn_daemon(root, env=_env(mode))
+    proc = spawn_daemon(root, env=mode_env(mode))
     try:
         wait_for(lambda: current(root, "training"), timeout=60)
         good = (root / "autoresearch.toml").read_text()
@@ -181,7 +169,7 @@ def test_sighup_with_a_broken_config_keeps_the_old_one(tmp_path, mode):
 def test_a_program_md_edit_is_logged_without_disturbing_the_run(tmp_path, mode):
     root = make_workspace(tmp_path / "ws")
     mode.write_text("sleep:5")
-    proc = spawn_daemon(root, env=_env(mode))
+    proc = spawn_daemon(root, env=mode_env(mode))
     try:
         wait_for(lambda: current(root, "training", 0), timeout=60)
         (root / "program.md").write_text("# program\nTry the learning rate first.\n")
@@ -197,7 +185,7 @@ def test_a_program_md_edit_is_logged_without_disturbing_the_run(tmp_path, mode):
 def test_a_second_daemon_process_refuses(tmp_path, mode):
     root = make_workspace(tmp_path / "ws")
     mode.write_text("sleep:60")
-    proc = spawn_daemon(root, env=_env(mode))
+    proc = spawn_daemon(root, env=mode_env(mode))
     try:
         wait_for(lambda: current(root, "training"), timeout=60)
         out = cli("run", str(root))
@@ -216,7 +204,7 @@ def test_sd_notify_ready_status_watchdog_stopping(tmp_path, mode):
     sock.settimeout(0.2)
     mode.write_text("sleep:7")
     proc = spawn_daemon(root, "--max-experiments", "0",
-                        env=_env(mode, NOTIFY_SOCKET=sock_path, WATCHDOG_USEC="1000000"))
+                        env=mode_env(mode, NOTIFY_SOCKET=sock_path, WATCHDOG_USEC="1000000"))
     messages = []  # (arrival time, datagram)
     end = time.monotonic() + 60
     try:
