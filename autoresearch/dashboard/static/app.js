@@ -202,8 +202,12 @@ function renderHeader() {
   const facts = [fact("state", badge, h.reason ? el("span", { class: "muted", text: " " + h.reason }) : null)];
   facts.push(fact("uptime", el("span", { id: "uptime", text: h.uptime_s === null ? "-" : fmtDur(h.uptime_s + sinceBase()) })));
   let best = fmtMetric(h.best);
-  if (h.gain !== null) best += ` (${h.gain >= 0 ? "-" : "+"}${Math.abs(h.gain).toFixed(6)}` +
-    (h.gain_pct !== null ? `, ${Math.abs(h.gain_pct).toFixed(2)}%` : "") + " vs baseline)";
+  if (h.gain !== null) {
+    // The metric's own change (its sign, whatever the direction); `gain` says whether it is better.
+    const change = h.best - h.baseline, sign = change > 0 ? "+" : change < 0 ? "-" : "±";
+    best += ` (${sign}${Math.abs(change).toFixed(6)}` +
+      (h.gain_pct !== null ? `, ${Math.abs(h.gain_pct).toFixed(2)}%` : "") + " vs baseline)";
+  }
   facts.push(fact("best", el("span", { id: "best", text: best })));
   const rate = h.keep_rate === null ? "-" : `${(100 * h.keep_rate).toFixed(1)}% (${h.counts.kept} / ${h.finished})`;
   facts.push(fact("keep rate", el("span", { id: "keep-rate", text: rate })));
