@@ -122,6 +122,17 @@ def _add_usage(total: dict[str, int], usage: dict[str, Any]) -> None:
             total[key] = total.get(key, 0) + int(value)
 
 
+def _add_spend(target, usage: dict | None, cost, cost_recorded: bool) -> None:
+    """Add one event's tokens and cost to the workspace's or an experiment's totals (same fields);
+    a cost recorded as None (an unpriced model) makes the total unknown, never $0."""
+    if usage:
+        _add_usage(target.usage, usage)
+    if cost:
+        target.cost_usd += float(cost)
+    elif cost is None and cost_recorded:
+        target.cost_unknown = True
+
+
 def apply(state: State, event) -> State:
     """Advance `state` by one event, in place, and return it. No I/O."""
     p = event.payload
@@ -130,13 +141,9 @@ def apply(state: State, event) -> State:
     state.seq, state.hash, state.last_time = event.seq, event.hash, event.time
     state.first_time = state.first_time or event.time
     usage, cost = p.get("usage"), p.get("cost_usd")  # most events carry neither
-    unpriced = cost is None and "cost_usd" in p
-    if usage:
-        _add_usage(state.usage, usage)
-    if cost:
-        state.cost_usd += float(cost)
-    if unpriced:
-        state.cost_unknown = True
+    spends = bool(usage or cost or "cost_usd" in p)
+    if spends:
+        _add_spend(state, usage, cost, "cost_usd" in p)
 
     if event.aggregate == "daemon":
         state.daemon = event.dest
@@ -182,12 +189,8 @@ def apply(state: State, event) -> State:
     if exp is None:
         exp = state.experiments[n] = Experiment(n=n, started=event.time)
     exp.state = event.dest
-    if usage:
-        _add_usage(exp.usage, usage)
-    if cost:
-        exp.cost_usd += float(cost)
-    if unpriced:
-        exp.cost_unknown = True
+    if spends:
+        _add_spend(exp, usage, cost, "cost_usd" in p)
     t = event.trigger
     if t == "start":
         exp.kind = p.get("kind", "experiment")
