@@ -20,6 +20,18 @@ class HistoryRow:
 
 
 @dataclass(frozen=True)
+class InFlight:
+    """An experiment running or queued while another proposal is asked for: the agent is told
+    about it so that it does not propose the same change twice (text untrusted, like history)."""
+
+    n: int
+    state: str  # its state now (proposing, training, evaluating, queued, ...)
+    description: str
+    files: Mapping[str, str] | None = None  # the editable files it runs; None = not known yet
+    change: str = ""  # what it changes against its parent (prompt.change_summary); '' = unknown
+
+
+@dataclass(frozen=True)
 class ProposalContext:
     workspace: Path
     n: int
@@ -33,6 +45,7 @@ class ProposalContext:
     harness_dir: Path | None
     deadline: float  # time.monotonic() by which propose must return
     cancel: threading.Event = field(default_factory=threading.Event)
+    in_flight: tuple[InFlight, ...] = ()  # experiments running or queued now (never this one)
 
 
 ZERO_USAGE = {
