@@ -7,7 +7,8 @@ Two parts, so the API proposer can cache the first:
   the prompt-cache prefix.
 * ``experiment_prompt``: the current editable files, a compact history table
   (what each experiment changed and the agent's description of it; bounded in
-  rows and characters), the best so far and the last failure's
+  rows and characters), the experiments in flight (running or queued: not to be
+  proposed again; bounded too), the best so far and the last failure's
   log tail (ANSI stripped, truncated, fenced and marked untrusted).
 
 ``command_prompt`` joins both for an external agent CLI (prompt on stdin).
@@ -23,13 +24,15 @@ from pathlib import Path
 from typing import Mapping
 
 from ..sanitize import strip_controls
-from .base import HistoryRow, ProposalContext
+from .base import HistoryRow, InFlight, ProposalContext
 
 HISTORY_MAX_ROWS = 40
 HISTORY_MAX_CHARS = 8_000
 HISTORY_BEST_ROWS = 5
 DESCRIPTION_MAX_CHARS = 120
 CHANGE_MAX_CHARS = 100
+IN_FLIGHT_MAX_ROWS = 16
+IN_FLIGHT_MAX_CHARS = 4_000
 FAILURE_MAX_CHARS = 4_000
 FAILURE_MAX_LINES = 80
 FILE_MAX_CHARS = 60_000
@@ -126,8 +129,7 @@ def history_table(history, direction: str, max_rows: int = HISTORY_MAX_ROWS,
         for r in selected:
             if previous is not None and r.n > previous + 1:
                 lines.append(f"| … | ({r.n - previous - 1} not shown) | | | |")
-            desc = one_line(r.description, DESCRIPTION_MAX_CHARS).replace("|", "/")
-            change = one_line(r.change, CHANGE_MAX_CHARS).replace("|", "/") or "-"
+            desc, change = _cell(r.description, DESCRIPTION_MAX_CHARS), _cell(r.change, CHANGE_MAX_CHARS)
             lines.append(f"| {r.n} | {r.status} | {format_metric(r.metric)} | {change} | {desc} |")
             previous = r.n
         shown = len(selected)
@@ -143,6 +145,31 @@ def history_table(history, direction: str, max_rows: int = HISTORY_MAX_ROWS,
         victims = [r for r in rows if r.n not in protected] or rows[1:]
         rows = [r for r in rows if r is not victims[0]]
         text = render(rows)
+    return text[:max_chars]
+
+
+def _cell(text: str, limit: int) -> str:
+    """Agent-written text as one table cell: one line, bounded, no `|` to break the row."""
+    return one_line(text, limit).replace("|", "/") or "-"
+
+
+def in_flight_table(in_flight, max_rows: int = IN_FLIGHT_MAX_ROWS,
+                    max_chars: int = IN_FLIGHT_MAX_CHARS) -> str:
+    """A markdown table of the experiments running or queued now, bounded in rows and
+    characters ('' when none)."""
+    rows: list[InFlight] = sorted(in_flight, key=lambda r: r.n)
+    if not rows:
+        return ""
+    lines = ["| n | state | change | description |", "|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r.n} | {_cell(r.state, 20)} | {_cell(r.change, CHANGE_MAX_CHARS)} "
+                     f"| {_cell(r.description, DESCRIPTION_MAX_CHARS)} |")
+    shown = len(rows)
+    while shown > 1 and (shown > max_rows or len("\n".join(lines[:2 + shown])) > max_chars - 60):
+        shown -= 1
+    text = "\n".join(lines[:2 + shown])
+    if shown < len(rows):
+        text += f"\n\n({shown} of {len(rows)} experiments in flight shown.)"
     return text[:max_chars]
 
 
@@ -218,6 +245,10 @@ def experiment_prompt(ctx: ProposalContext) -> str:
         parts.append(f"## Current `{path}` (the best version so far){note}\n\n{fence(content)}\n")
     parts.append(f"## Past experiments (metric: {goal})\n\n"
                  + history_table(ctx.history, ctx.direction) + "\n")
+    if ctx.in_flight:
+        parts.append("## In flight now — do not propose the same change again\n\n"
+                     "These experiments are running or queued; their results are not known yet.\n\n"
+                     + in_flight_table(ctx.in_flight) + "\n")
     if ctx.best_metric is None:
         parts.append("Best so far: none yet.\n")
     else:
