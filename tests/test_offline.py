@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from autoresearch.proposers.base import HistoryRow, NoEdit, ProposalContext
+from autoresearch.proposers.base import HistoryRow, InFlight, NoEdit, ProposalContext
 from autoresearch.proposers.offline import OfflineProposer, find_constants
 
 TRAIN = '''"""A fixture train.py."""
@@ -45,12 +45,13 @@ TUNABLE = {"ASPECT_RATIO", "TOTAL_BATCH_SIZE", "MATRIX_LR", "EMBEDDING_LR", "WAR
            "DEPTH", "N_KV", "WIDTH"}
 
 
-def make_ctx(n, history=(), files=None, direction="minimize", editable=("train.py",)):
+def make_ctx(n, history=(), files=None, direction="minimize", editable=("train.py",), in_flight=()):
     files = files if files is not None else {"train.py": TRAIN}
     return ProposalContext(
         workspace=Path("."), n=n, program="", editable=editable, files=files,
         history=tuple(history), best_metric=None, direction=direction, last_failure=None,
         harness_dir=None, deadline=time.monotonic() + 60, cancel=threading.Event(),
+        in_flight=tuple(in_flight),
     )
 
 
@@ -195,3 +196,47 @@ def test_speed_with_a_hundred_history_rows():
     warm = (time.perf_counter() - t0) / 5
     # Generous bounds for a loaded 2-core CI machine; typical figures are ~25 ms / ~15 ms.
     assert cold < 0.5 and warm < 0.25, (cold, warm)
+
+
+SMALL = "N_LAYER = 2\nN_HEAD = 3\n"  # small ints: 4 other values each, 16 pairs: 24 configurations
+
+
+def in_flight_of(n, prop):
+    return InFlight(n, "training", prop.description, dict(prop.files), "")
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_a_proposal_never_repeats_one_in_flight(seed):
+    files = {"train.py": SMALL}
+    history = [HistoryRow(0, "baseline", 1.0, "baseline", None, dict(files))]
+    proposer, flight, configs = OfflineProposer(seed=seed), [], set()
+    for n in range(1, 9):  # k in flight, then the (k+1)-th: it differs from all of them
+        prop = proposer.propose(make_ctx(n, history, files=files, in_flight=flight))
+        config = prop.files["train.py"]
+        assert config not in configs and config != SMALL, f"experiment {n} repeats one in flight"
+        assert prop.meta["in_flight_trials"] == len(flight)
+        configs.add(config)
+        flight.append(in_flight_of(n, prop))
+
+
+def test_in_flight_order_and_unknown_files_change_nothing():
+    files = {"train.py": TRAIN}
+    history = [HistoryRow(0, "baseline", 1.0, "baseline", None, dict(files))]
+    flight = [in_flight_of(n, OfflineProposer(seed=2).propose(make_ctx(n, history))) for n in (1, 2, 3)]
+    flight.append(InFlight(4, "proposing", "", None, ""))  # not proposed yet: nothing to avoid
+    a = OfflineProposer(seed=2).propose(make_ctx(5, history, in_flight=flight))
+    b = OfflineProposer(seed=2).propose(make_ctx(5, history, in_flight=flight[::-1]))
+    assert a.files == b.files and a.meta["in_flight_trials"] == 3  # deterministic, given the seed
+
+
+def test_all_remaining_configurations_in_flight_is_noedit_not_a_duplicate():
+    files = {"train.py": "N_LAYER = 2\n"}  # ints 1..4: three other values
+    history = [HistoryRow(0, "baseline", 1.0, "baseline", None, dict(files)),
+               HistoryRow(1, "discarded", 2.0, "N_LAYER 2 -> 4", None, {"train.py": "N_LAYER = 4\n"})]
+    flight = [InFlight(2, "training", "N_LAYER 2 -> 1", {"train.py": "N_LAYER = 1\n"}, ""),
+              InFlight(3, "queued", "N_LAYER 2 -> 3", {"train.py": "N_LAYER = 3\n"}, "")]
+    proposer = OfflineProposer()
+    assert proposer.propose(make_ctx(4, history[:1], files=files, in_flight=flight)).files == {
+        "train.py": "N_LAYER = 4\n"}  # the one value neither tried nor in flight
+    with pytest.raises(NoEdit, match="tried or in flight"):
+        proposer.propose(make_ctx(4, history, files=files, in_flight=flight))

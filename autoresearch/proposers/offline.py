@@ -16,7 +16,9 @@ Search space, relative to the current best value v:
   * other ints >= 8: log-scale in [v/2, 2v], keeping v's power-of-two factor (up to 64);
   * small ints: v-2..v+2 (at least 1);
   * booleans, zero, negatives, strings and names with SEED are never touched.
-A configuration already in the history is never proposed again.
+A configuration already in the history, or in flight (running or queued:
+``ctx.in_flight``), is never proposed; the ones in flight are also given to TPE
+as running trials (``constant_liar``), so that it samples away from them.
 """
 
 from __future__ import annotations
@@ -305,28 +307,46 @@ class OfflineProposer:
             values, key = self._config({**ctx.files, **row.files}, bases)
             tried.add(key)
             rows.append((row, values))
+        # The experiments running or queued: never proposed again, and told to optuna as
+        # running trials (constant liar: TPE steers away from them as if they had failed).
+        pending = []
+        for f in sorted(ctx.in_flight, key=lambda f: f.n):
+            if f.files and f.n != ctx.n:
+                values, key = self._config({**ctx.files, **f.files}, bases)
+                tried.add(key)
+                pending.append(values)
         finite = [r.metric for r, _ in rows if r.metric is not None and math.isfinite(r.metric)]
         worst = (max(finite) if ctx.direction == "minimize" else min(finite)) if finite else None
         seed = int.from_bytes(hashlib.sha256(f"{self.seed}:{ctx.n}".encode()).digest()[:4], "big")
-        study = optuna.create_study(direction=ctx.direction,
-                                    sampler=optuna.samplers.TPESampler(seed=seed))
-        trials = []
-        for row, values in rows:
-            metric = row.metric
-            if metric is None or not math.isfinite(metric):
-                if row.status != "crashed" or worst is None:
-                    continue
-                metric = worst  # a crash (say, out of memory) is as bad as the worst result
+        sampler = optuna.samplers.TPESampler(seed=seed, constant_liar=True)
+        study = optuna.create_study(direction=ctx.direction, sampler=sampler)
+
+        def params_of(values) -> tuple[dict, dict]:
             params, dists = {}, {}
             for key, sp in spaces.items():
                 p = sp.to_param(values[key]) if key in values else None
                 if p is not None and sp.dist.low <= p <= sp.dist.high:
                     params[pname(key)] = p
                     dists[pname(key)] = sp.dist
+            return params, dists
+
+        trials, running = [], []
+        for row, values in rows:
+            metric = row.metric
+            if metric is None or not math.isfinite(metric):
+                if row.status != "crashed" or worst is None:
+                    continue
+                metric = worst  # a crash (say, out of memory) is as bad as the worst result
+            params, dists = params_of(values)
             if params:
                 trials.append(optuna.trial.create_trial(params=params, distributions=dists,
                                                         value=metric))
-        study.add_trials(trials)
+        for values in pending:
+            params, dists = params_of(values)
+            if params:
+                running.append(optuna.trial.create_trial(params=params, distributions=dists,
+                                                         state=optuna.trial.TrialState.RUNNING))
+        study.add_trials(trials + running)
 
         def key_with(changes: dict) -> tuple:
             return (skeletons, tuple(sorted({**base_values, **changes}.items())))
@@ -338,7 +358,8 @@ class OfflineProposer:
                 sp.options = tuple(o for o in sp.options if key_with({k: o}) not in tried)
         singles = [c for c in consts if spaces[(c.path, c.name)].options != ()]
         if not singles and len(consts) < 2:
-            raise NoEdit("offline proposer: every value of the only tunable constant was tried")
+            raise NoEdit("offline proposer: every value of the only tunable constant was tried "
+                         "or in flight")
 
         rng = random.Random(seed)
         failed: set[tuple] = set()
@@ -382,6 +403,8 @@ class OfflineProposer:
                 description=description, files=files, proposer=self.name,
                 meta={"changes": [{"path": c.path, "name": c.name, "old": c.source,
                                    "new": literals[c]} for c in ordered],
-                      "history_trials": len(trials), "draws": draw + 1},
+                      "history_trials": len(trials), "in_flight_trials": len(running),
+                      "draws": draw + 1},
             )
-        raise NoEdit(f"offline proposer: no untried configuration found in {MAX_DRAWS} draws")
+        raise NoEdit(f"offline proposer: {MAX_DRAWS} draws found only configurations tried "
+                     "or in flight")
