@@ -13,7 +13,7 @@ import shlex
 import tomllib
 from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from .errors import ConfigError
 
@@ -53,6 +53,8 @@ class JudgeConfig:
     min_delta: float = 0.0
     simplicity: bool = False
     noise_runs: int = 0
+    merge: bool = True  # an experiment that beat its parent but not a best that moved meanwhile: merge it
+
 
 
 @dataclass(frozen=True)
@@ -135,6 +137,18 @@ class SandboxConfig:
 
 
 @dataclass(frozen=True)
+class SlotsConfig:
+    """How many experiments run at once, and on which GPUs."""
+
+    # An integer >= 1, or "auto": one per visible GPU (1 without GPUs); see slot_count.
+    count: int | str = field(default=1, metadata={"words": ("auto",)})
+    # Slot k runs with CUDA_VISIBLE_DEVICES=gpus[k] (nvidia-smi's index or a UUID); empty: as visible.
+    gpus: tuple[str, ...] = field(default=(), metadata={"ints": True})
+    lookahead: int = 1  # proposals prepared ahead, so that a freed slot launches at once
+    allow_mixed_gpus: bool = False  # runs on different GPU models are not comparable under a time budget
+
+
+@dataclass(frozen=True)
 class WorkloadConfig:
     """Read by the built-in trainer; the daemon only checks that the profile never changes."""
 
@@ -176,9 +190,19 @@ class Config:
     command: CommandConfig = field(default_factory=CommandConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     sandbox: SandboxConfig = field(default_factory=SandboxConfig)
+    slots: SlotsConfig = field(default_factory=SlotsConfig)
     workload: WorkloadConfig = field(default_factory=WorkloadConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     notify: NotifyConfig = field(default_factory=NotifyConfig)
+
+
+def slot_count(cfg: Config, gpus: Sequence[object]) -> int:
+    """Slots in use: ``count``, or for "auto" one per listed GPU (``slots.gpus``), else one per
+    visible GPU (``gpus``, e.g. gpus.visible()), at least 1."""
+    count = cfg.slots.count
+    if count != "auto":
+        return int(count)
+    return len(cfg.slots.gpus) or max(1, len(gpus))
 
 
 def _build(cls, table: Any, where: str):
@@ -198,9 +222,17 @@ def _build(cls, table: Any, where: str):
     for name, value in table.items():
         key = f"{where}.{name}" if where else name
         default = getattr(cls(), name)
-        sub = known[name].metadata.get("table")  # an optional table (None when absent)
+        meta = known[name].metadata
+        sub = meta.get("table")  # an optional table (None when absent)
         if is_dataclass(default) or sub is not None:
             values[name] = _build(sub or type(default), value, key)
+            continue
+        words = meta.get("words", ())  # strings an integer key also takes ("auto")
+        if words and isinstance(value, str):
+            if value not in words:
+                raise ConfigError(f"{CONFIG_NAME}: {key} must be an integer or "
+                                  f"{' or '.join(repr(w) for w in words)}, got {value!r}")
+            values[name] = value
             continue
         if isinstance(default, bool):
             if not isinstance(value, bool):
@@ -215,6 +247,12 @@ def _build(cls, table: Any, where: str):
         elif isinstance(default, str):
             if not isinstance(value, str):
                 raise ConfigError(f"{CONFIG_NAME}: {key} must be a string, got {value!r}")
+        elif isinstance(default, tuple) and meta.get("ints"):  # GPU ids: 0 and "0" are the same
+            if not isinstance(value, list) or not all(
+                    isinstance(v, str) or (isinstance(v, int) and not isinstance(v, bool) and v >= 0)
+                    for v in value):
+                raise ConfigError(f"{CONFIG_NAME}: {key} must be a list of strings or non-negative integers")
+            value = tuple(str(v) for v in value)
         elif isinstance(default, tuple):
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                 raise ConfigError(f"{CONFIG_NAME}: {key} must be a list of strings")
@@ -285,6 +323,15 @@ def _validate(cfg: Config) -> None:
             raise ConfigError(f"{CONFIG_NAME}: {path!r} is an evaluation file: it cannot be editable by the agent")
     if cfg.eval.files and not cfg.eval.command:
         raise ConfigError(f"{CONFIG_NAME}: eval.files needs eval.command")
+    slots = cfg.slots
+    if slots.count != "auto" and slots.count < 1:
+        raise ConfigError(f"{CONFIG_NAME}: slots.count must be at least 1 (or 'auto'), got {slots.count}")
+    for gpu in slots.gpus:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_/-]*", gpu):
+            raise ConfigError(f"{CONFIG_NAME}: slots.gpus entry {gpu!r} is not one GPU's index or UUID")
+    if slots.gpus and slots.count != "auto" and len(slots.gpus) < slots.count:
+        raise ConfigError(f"{CONFIG_NAME}: slots.gpus lists {len(slots.gpus)} GPU(s) for slots.count = "
+                          f"{slots.count}: one per slot")
     if cfg.workload.profile not in ("", "cpu", "gpu"):
         raise ConfigError(f"{CONFIG_NAME}: workload.profile must be 'cpu' or 'gpu'")
     from .alerts import KINDS
@@ -400,6 +447,7 @@ COMMENTS = {
     "judge.min_delta": "an improvement must exceed this",
     "judge.simplicity": "equal within min_delta and fewer lines -> keep",
     "judge.noise_runs": "re-run the baseline k times; keep threshold = max(min_delta, 2 sigma)",
+    "judge.merge": "a gain overtaken by a newer best is merged onto it when it applies cleanly",
     "proposer.kind": "offline | anthropic | command",
     "proposer.fallback": "when the agent gives no edit: offline | reject",
     "anthropic.model": "see docs/AGENTS.md; checked through the Models API at start",
@@ -411,6 +459,10 @@ COMMENTS = {
     "sandbox.max_processes": "tasks in the run's PID namespace (bubblewrap)",
     "sandbox.read_only": "host paths a run may read besides its checkout, the Python install and the data cache",
     "sandbox.memory_mb": "0 = 90% of RAM",
+    "slots.count": "experiments in flight at once; 'auto' = one per visible GPU (1 without GPUs)",
+    "slots.gpus": "slot k runs with CUDA_VISIBLE_DEVICES=gpus[k] (nvidia-smi index or UUID); [] = as visible",
+    "slots.lookahead": "proposals prepared ahead, so that a freed slot launches at once",
+    "slots.allow_mixed_gpus": "false: refuse slots on different GPU models (budgets would not compare)",
     "workload.profile": "cpu | gpu; fixed for the life of the workspace",
     "eval.command": "run after each run, checkout read-only; the metric comes from its output; '' = none "
                     "(built-in workload: its own evaluator)",
