@@ -48,7 +48,7 @@ from .proposers.base import (HistoryRow, NoEdit, Proposal, ProposalContext, Prop
 from .proposers.prompt import change_summary
 from .report import UNTRUSTED, fmt_duration, status_line
 from . import sandbox
-from .runner import Run, RunResult, SandboxSpec, kill_tagged, scrubbed_env
+from .runner import Run, RunResult, kill_tagged, scrubbed_env
 from .state import State, apply
 from .workspace import STATE_DIR, Workspace, blob_sha
 
@@ -917,7 +917,7 @@ class Daemon:
         if argv and not self._prepared:  # once per start; again only after it failed or was cut short
             self.notifier.extend_timeout(int((self.cfg.run.hard_deadline + 30) * 1e6))
             run = Run.start(argv, self.root, self.state_dir / "prepare.log", self.cfg.run.hard_deadline,
-                            self.cfg.run.log_max_bytes, SandboxSpec("off", 0, 0, 0),  # it may download
+                            self.cfg.run.log_max_bytes, config_mod.SandboxConfig(mode="off"), None,  # it may download
                             self.cfg.run.metric_regex, None, env=self._run_env())
             self._run, self._run_started = run, time.monotonic()
             try:
@@ -1336,7 +1336,7 @@ class Daemon:
                                 home=os.environ.get("HOME") or "/tmp/home")
         self._run = Run.start(self.cfg.run.argv, checkout, log_path, self.cfg.run.hard_deadline,
                               self.cfg.run.log_max_bytes,
-                              SandboxSpec(sb.mode, sb.memory_mb, sb.max_processes, sb.max_file_mb, layout),
+                              sb, layout,
                               self.cfg.run.metric_regex, self.cfg.run.memory_regex or None,
                               env=self._run_env())
         self._run_started = time.monotonic()
@@ -1446,7 +1446,7 @@ class Daemon:
             argv = [sys.executable, "-c", "print('FAIL: the run\'s checkout is gone'); raise SystemExit(2)"]
         self._run = Run.start(argv, checkout if checkout.is_dir() else self.state_dir, log_path, deadline,
                               self.cfg.run.log_max_bytes,
-                              SandboxSpec(sb.mode, sb.memory_mb, sb.max_processes, sb.max_file_mb, layout),
+                              sb, layout,
                               self.cfg.run.metric_regex, None, env=self._run_env())
         self._run_started = time.monotonic()
         self._send_status()

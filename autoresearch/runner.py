@@ -59,6 +59,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from . import sandbox, sanitize
+from .config import SandboxConfig
 from .secrets import SECRET_NAME
 
 GRACE_S = 3.0  # SIGTERM -> SIGKILL
@@ -127,15 +128,6 @@ def _match_value(m: re.Match | None) -> float | None:
 
 
 # ---------------------------------------------------------------------- sandbox
-@dataclass(frozen=True)
-class SandboxSpec:
-    mode: str = "auto"  # "auto" | "strict" | "off" (sandbox.py)
-    memory_mb: int = 0  # 0 -> 90 % of MemTotal
-    max_processes: int = 4096
-    max_file_mb: int = 4096
-    layout: sandbox.Layout | None = None  # what a bwrap run sees; None: cwd as the checkout
-
-
 _netns_lock = threading.Lock()
 _netns_prefix: list[str] | None = None
 _netns_probed = False
@@ -259,14 +251,17 @@ def _user_task_count(uid: int) -> int:
     return count
 
 
-def _plan_sandbox(spec: SandboxSpec, cwd: Path) -> tuple[sandbox.Plan, list[str], list[tuple[int, int]], dict]:
-    """(plan, argv prefix, rlimits, record of what is applied) for this run."""
+def _plan_sandbox(spec: SandboxConfig, layout: sandbox.Layout | None,
+                  cwd: Path) -> tuple[sandbox.Plan, list[str], list[tuple[int, int]], dict]:
+    """(plan, argv prefix, rlimits, record of what is applied) for this run.
+
+    ``layout`` None: the run sees ``cwd`` as its checkout (sandbox.Layout's defaults)."""
     if spec.mode == "off" or not sys.platform.startswith("linux"):
         why = "sandbox.mode = off" if spec.mode == "off" else f"no sandbox on {sys.platform}"
         return sandbox.Plan("off", why), [], [], {
             "kind": "off", "why": why, "mode": spec.mode, "network": "host", "memory_mb": None,
             "max_processes": None, "nproc_rlimit": None, "max_file_mb": None}
-    plan = sandbox.plan(spec.mode, spec.layout or sandbox.Layout(checkout=Path(cwd)))
+    plan = sandbox.plan(spec.mode, layout or sandbox.Layout(checkout=Path(cwd)))
     if plan.kind == "bwrap":
         prefix, network = list(plan.prefix), "isolated"  # its own loopback, nothing else
     else:
@@ -504,13 +499,16 @@ class Run:
         log_path: Path | str,
         deadline_s: float,
         log_max_bytes: int,
-        sandbox: SandboxSpec,
+        sandbox: SandboxConfig,
+        layout: sandbox.Layout | None,
         metric_regex: str,
         memory_regex: str | None = None,
         env: Mapping[str, str] | None = None,
     ) -> "Run":
         """Launch ``argv`` (a list, or a string split with shlex) in ``cwd``.
 
+        ``sandbox``: the [sandbox] settings (its ``read_only`` paths reach the run through
+        ``layout``, what a bubblewrap run sees; None: ``cwd`` as the checkout, nothing hidden).
         ``python``/``python3`` as argv[0] means the daemon's own interpreter.
         ``env`` (default: os.environ) is scrubbed either way. A command that
         cannot be started gives an already-finished run with exit code 127.
@@ -527,7 +525,7 @@ class Run:
         self.log_max_bytes = int(log_max_bytes)
         self._metric_re = re.compile(metric_regex, re.MULTILINE)
         self._memory_re = re.compile(memory_regex, re.MULTILINE) if memory_regex else None
-        plan, prefix, limits, record = _plan_sandbox(sandbox, Path(cwd))
+        plan, prefix, limits, record = _plan_sandbox(sandbox, layout, Path(cwd))
         self.sandbox = record
         self._memory_limit_mb = record["memory_mb"]
         self._bwrap = plan.kind == "bwrap"

@@ -20,7 +20,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from autoresearch import sandbox  # noqa: E402
-from autoresearch.runner import Run, SandboxSpec  # noqa: E402
+from autoresearch.config import SandboxConfig  # noqa: E402
+from autoresearch.runner import Run  # noqa: E402
 from autoresearch.workspace import Workspace  # noqa: E402
 
 TRAIN = "print('val_bpb: 1.0')\n"
@@ -32,7 +33,7 @@ def one(ws: Workspace, mode: str, reset: bool) -> float:
     checkout = ws.run_checkout(0, ws.head()) if reset else ws.state_dir / "slots" / "0"
     layout = sandbox.Layout(checkout=checkout, hide=(ws.root, Path(ws.repo.common_dir)))
     run = Run.start(["python", "train.py"], checkout, ws.state_dir / "runs" / f"{mode}.log", 60, 10**6,
-                    SandboxSpec(mode, 0, 4096, 4096, layout), METRIC)
+                    SandboxConfig(mode, 0, 4096, 4096), layout, METRIC)
     res = run.wait(60)
     elapsed = time.perf_counter() - t0
     assert res is not None and res.ok and res.sandbox["kind"] == ("off" if mode == "off" else "bwrap"), res

@@ -20,7 +20,8 @@ import pytest
 from autoresearch import runner
 
 REPO = Path(__file__).resolve().parents[1]
-from autoresearch.runner import Run, SandboxSpec, kill_stale_group, parse_metric, scrubbed_env
+from autoresearch.config import SandboxConfig
+from autoresearch.runner import Run, kill_stale_group, parse_metric, scrubbed_env
 
 # Non-finite alternatives first: `[0-9.eE+-]+` alone would match just the "-" of "-inf".
 METRIC = r"^val_bpb:\s*([-+]?(?:nan|inf)|[0-9.eE+-]+)"
@@ -31,9 +32,9 @@ def start(tmp_path: Path, code: str, *, mode="auto", deadline=30.0, log_max=10**
           memory_mb=0, max_file_mb=4096, env=None, memory_regex=None) -> Run:
     script = tmp_path / "train.py"
     script.write_text(textwrap.dedent(code))
-    spec = SandboxSpec(mode=mode, memory_mb=memory_mb, max_processes=4096, max_file_mb=max_file_mb)
+    spec = SandboxConfig(mode=mode, memory_mb=memory_mb, max_processes=4096, max_file_mb=max_file_mb)
     return Run.start(["python", "train.py"], tmp_path, tmp_path / "runs" / "1.log", deadline,
-                     log_max, spec, METRIC, memory_regex, env=env)
+                     log_max, spec, None, METRIC, memory_regex, env=env)
 
 
 def alive(pid: int) -> bool:
@@ -165,9 +166,9 @@ def test_nonzero_exit_records_tail(tmp_path):
 
 
 def test_missing_command_is_a_failed_run(tmp_path):
-    spec = SandboxSpec(mode="off")
+    spec = SandboxConfig(mode="off")
     run = Run.start(["definitely-not-a-command-xyz"], tmp_path, tmp_path / "r.log", 10, 1000,
-                    spec, METRIC, None)
+                    spec, None, METRIC, None)
     res = run.poll()
     assert res is not None and res.exit_code == 127 and "cannot start" in res.log_tail
 
@@ -201,7 +202,7 @@ def test_a_failing_log_write_does_not_stall_the_run(tmp_path):
     # 200 KB: more than a pipe holds, so the pipe must keep being drained.
     (tmp_path / "train.py").write_text("print(('x' * 999 + '\\n') * 200)\nprint('val_bpb: 1.0')\n")
     run = Run.start(["python", "train.py"], tmp_path, "/dev/full", 30, 10**6,
-                    SandboxSpec(mode="off"), METRIC, None)
+                    SandboxConfig(mode="off"), None, METRIC, None)
     res = run.wait(30)
     assert res.ok and res.metric == 1.0 and res.log_truncated
 
@@ -362,10 +363,11 @@ def test_network_blocked_for_root_without_capabilities(tmp_path):
     (tmp_path / "train.py").write_text(textwrap.dedent(CONNECT.format(port=port)))
     child = textwrap.dedent(f"""
         import json, sys
-        from autoresearch.runner import Run, SandboxSpec
-        spec = SandboxSpec(mode="auto", memory_mb=0, max_processes=4096, max_file_mb=4096)
+        from autoresearch.config import SandboxConfig
+        from autoresearch.runner import Run
+        spec = SandboxConfig(mode="auto", memory_mb=0, max_processes=4096, max_file_mb=4096)
         run = Run.start([sys.executable, "train.py"], {str(tmp_path)!r}, {str(tmp_path / "1.log")!r},
-                        30.0, 10**6, spec, r"^val_bpb:\\s*(\\S+)", None)
+                        30.0, 10**6, spec, None, r"^val_bpb:\\s*(\\S+)", None)
         res = run.wait(30)
         print(json.dumps({{"exit": res.exit_code, "network": res.sandbox["network"],
                           "tail": res.log_tail}}))

@@ -338,7 +338,8 @@ def test_a_sandboxed_run_uses_the_prepared_cache_read_only(tmp_path, cache, smal
     """A run sees the data cache read-only: it uses the entry the daemon's prepare step built
     (no lock file, nothing written), and says in one line when there is none."""
     from autoresearch import sandbox
-    from autoresearch.runner import Run, SandboxSpec
+    from autoresearch.config import SandboxConfig
+    from autoresearch.runner import Run
 
     ws = workspace(tmp_path / "lab", data=f"dir:{small_corpus}")
     entry = prepare.ensure(read_settings(ws))
@@ -348,7 +349,7 @@ def test_a_sandboxed_run_uses_the_prepared_cache_read_only(tmp_path, cache, smal
     def run(cache_dir: Path):
         layout = sandbox.Layout(checkout=ws, read_only=(cache_dir, small_corpus))
         return Run.start([PYTHON, "-c", code], ws, tmp_path / "run.log", 60, 10**6,
-                         SandboxSpec("strict", 0, 4096, 4096, layout), r"^val_bpb: (\S+)",
+                         SandboxConfig("strict", 0, 4096, 4096), layout, r"^val_bpb: (\S+)",
                          env=subprocess_env(cache_dir)).wait(60)
 
     res = run(cache)
