@@ -142,7 +142,8 @@ class SlotsConfig:
 
     # An integer >= 1, or "auto": one per visible GPU (1 without GPUs); see slot_count.
     count: int | str = field(default=1, metadata={"words": ("auto",)})
-    # Slot k runs with CUDA_VISIBLE_DEVICES=gpus[k] (nvidia-smi's index or a UUID); empty: as visible.
+    # Slot k runs with CUDA_VISIBLE_DEVICES=gpus[k] (nvidia-smi's index or a UUID); empty: the
+    # visible GPUs in turn, or with one slot every visible GPU (gpus.slot_gpus).
     gpus: tuple[str, ...] = field(default=(), metadata={"ints": True})
     lookahead: int = 1  # proposals prepared ahead, so that a freed slot launches at once
     allow_mixed_gpus: bool = False  # runs on different GPU models are not comparable under a time budget
@@ -460,7 +461,8 @@ COMMENTS = {
     "sandbox.read_only": "host paths a run may read besides its checkout, the Python install and the data cache",
     "sandbox.memory_mb": "0 = 90% of RAM",
     "slots.count": "experiments in flight at once; 'auto' = one per visible GPU (1 without GPUs)",
-    "slots.gpus": "slot k runs with CUDA_VISIBLE_DEVICES=gpus[k] (nvidia-smi index or UUID); [] = as visible",
+    "slots.gpus": "slot k runs with CUDA_VISIBLE_DEVICES=gpus[k] (nvidia-smi index or UUID); "
+                  "[] = the visible ones in turn (1 slot: all of them)",
     "slots.lookahead": "proposals prepared ahead, so that a freed slot launches at once",
     "slots.allow_mixed_gpus": "false: refuse slots on different GPU models (budgets would not compare)",
     "workload.profile": "cpu | gpu; fixed for the life of the workspace",
