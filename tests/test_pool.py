@@ -103,6 +103,9 @@ def test_cancel_sets_the_flag_and_drops_the_outcome_now_and_later():
     assert [n for n, _ in pool.done()] == [2]
     assert pool.busy() == set() and pool.done() == []
     pool.cancel(42)  # unknown: nothing to do
+    # What they cost is not lost: the dropped outcomes come out of dropped(), once.
+    assert sorted((n, p.description) for n, p in pool.dropped()) == [(1, "idea 1"), (3, "idea 3")]
+    assert pool.dropped() == []
 
 
 def test_a_proposal_past_its_deadline_and_grace_is_given_up():
@@ -119,6 +122,8 @@ def test_a_proposal_past_its_deadline_and_grace_is_given_up():
     while 7 not in fake.returned and time.monotonic() - t0 < 5:
         time.sleep(0.01)  # the stuck proposer finally answers: dropped
     assert 7 in fake.returned and pool.done() == [] and not wake.is_set()
+    [(n, late)] = pool.dropped()
+    assert n == 7 and isinstance(late, Proposal)  # for its spend only
 
 
 def test_the_default_grace_is_thirty_seconds():
@@ -199,5 +204,6 @@ def test_close_cancels_everything_and_waits_for_the_workers():
     assert pool.close(wait=5) is True
     assert time.monotonic() - t0 < LATENCY / 2  # the workers obeyed the cancel at once
     assert all(c.cancel.is_set() for c in contexts) and pool.done() == [] and pool.busy() == set()
+    assert sorted(n for n, _ in pool.dropped()) == [1, 2]  # their spend can still be recorded
     with pytest.raises(RuntimeError, match="closed"):
         pool.want(3, ctx(3), "anthropic")

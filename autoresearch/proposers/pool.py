@@ -9,7 +9,8 @@ A finishing worker sets the optional ``wake`` event, so the coordinator can slee
 Deadlines: a proposal still running ``grace`` seconds after ``ctx.deadline`` is given up: its
 ``ctx.cancel`` is set (the proposer stops its agent) and it comes out of ``done()`` as
 ``ProposerUnavailable``; whatever the worker returns later is dropped. ``cancel(n)`` drops a
-proposal the same way, with no outcome at all.
+proposal the same way, with no outcome at all. A dropped outcome may still have cost tokens:
+``dropped()`` hands those outcomes out (each once, never blocks), so that the spend is recorded.
 
 Agent CLIs (kind ``command``) edit the human's worktree, so only one runs at a time: while a
 command worker thread is alive (even one cancelled and still winding down its agent),
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Callable
 
@@ -53,6 +55,7 @@ class ProposalPool:
         self._lock = threading.Lock()
         self._jobs: dict[int, _Job] = {}  # wanted, outcome not yet handed out by done()
         self._ready: list[tuple[int, Outcome]] = []
+        self._dropped: deque[tuple[int, Outcome]] = deque(maxlen=1000)  # for their spend only
         self._threads: list[tuple[str, threading.Thread]] = []  # (kind, worker), alive or not
         self._closed = False
 
@@ -92,8 +95,17 @@ class ProposalPool:
             job = self._jobs.pop(n, None)
             if job is None:
                 return
+            self._dropped.extend((m, o) for m, o in self._ready if m == n)
             self._ready = [(m, o) for m, o in self._ready if m != n]
             self._retire(job)
+
+    def dropped(self) -> list[tuple[int, Outcome]]:
+        """Outcomes of cancelled or expired proposals (done() never gives them), each once: a
+        proposer that answered late may still have spent tokens (its usage and cost_usd)."""
+        with self._lock:
+            out = list(self._dropped)
+            self._dropped.clear()
+            return out
 
     def busy(self) -> set[int]:
         """Experiments wanted whose outcome done() has not handed out yet (nor cancelled)."""
@@ -112,6 +124,7 @@ class ProposalPool:
             for job in self._jobs.values():
                 self._retire(job)
             self._jobs.clear()
+            self._dropped.extend(self._ready)
             self._ready.clear()
             threads = [t for _, t in self._threads]
         deadline = time.monotonic() + wait
@@ -141,8 +154,10 @@ class ProposalPool:
 
     def _deliver(self, job: _Job, outcome: Outcome, expired: bool = False) -> None:
         with self._lock:
-            if not job.live:
-                return  # cancelled, expired, or already answered: dropped
+            if not job.live:  # cancelled, expired, or already answered
+                if not expired:
+                    self._dropped.append((job.n, outcome))
+                return
             self._retire(job, cancel=expired)  # a late proposer is told to stop
             self._ready.append((job.n, outcome))
         if self._wake is not None:
