@@ -20,7 +20,16 @@ from .errors import ConfigError
 CONFIG_NAME = "autoresearch.toml"
 DEFAULT_METRIC_REGEX = r"^val_bpb:\s*([-+]?(?:nan|inf)|[0-9.eE+-]+)"
 DEFAULT_MEMORY_REGEX = r"^peak_vram_mb:\s*([0-9.]+)"
-NEVER_EDITABLE = ("program.md", CONFIG_NAME, ".gitignore")
+# The human's channel: program.md and autoresearch.toml; never the agent's, never reset.
+# Defined here rather than in workspace.py (which re-exports it, and is where callers take it
+# from) so that checking a config never imports git.
+HUMAN_FILES = ("program.md", CONFIG_NAME)
+
+
+def never_editable(path: str) -> bool:
+    """Whatever the config says: the human's files, .gitignore (it decides what git sees), the
+    state directory and git's own. ``path`` is relative and normalised."""
+    return path in HUMAN_FILES or path == ".gitignore" or path.split("/")[0] in (".autoresearch", ".git")
 
 
 @dataclass(frozen=True)
@@ -294,7 +303,7 @@ def _validate(cfg: Config) -> None:
         norm = os.path.normpath(path)
         if os.path.isabs(path) or norm.startswith("..") or norm != path:
             raise ConfigError(f"{CONFIG_NAME}: run.editable path {path!r} must be relative and normal")
-        if norm in NEVER_EDITABLE or norm.split(os.sep)[0] in (".autoresearch", ".git"):
+        if never_editable(norm):
             raise ConfigError(f"{CONFIG_NAME}: {path!r} can never be editable by the agent")
     if run.budget_seconds <= 0:
         raise ConfigError(f"{CONFIG_NAME}: run.budget_seconds must be positive")

@@ -50,12 +50,11 @@ from .report import UNTRUSTED, fmt_duration, status_line
 from . import sandbox
 from .runner import Run, RunResult, kill_tagged, scrubbed_env
 from .state import State, apply
-from .workspace import STATE_DIR, Workspace, blob_sha
+from .workspace import HUMAN_FILES, STATE_DIR, Workspace, blob_sha
 
 log = structlog.get_logger("autoresearch.daemon")
 logging.getLogger("transitions").setLevel(logging.WARNING)  # our own events say it all
 
-HUMAN_FILES = ("program.md", config_mod.CONFIG_NAME)  # the human's channel: never the agent's, never reset
 EVENTS_NAME = "events.sqlite"
 TICK_S = 0.25  # longest sleep of the main loop between services
 STATUS_REFRESH_S = 5.0  # STATUS= while a run is in flight: its elapsed time, this often

@@ -25,6 +25,7 @@ import git
 from git import Reference, Repo
 
 from . import gitsafe
+from .config import HUMAN_FILES, never_editable
 from .errors import ConfigError, WorkspaceError
 
 STATE_DIR = ".autoresearch"
@@ -36,8 +37,6 @@ REJECTED_PREFIX = "refs/autoresearch/rejected"  # commits an agent made itself (
 ANCHOR_REF = "refs/autoresearch/log"
 EMPTY_TREE = "4b825dc642cb6eb9a060e54bf8d69288fbee4904"  # git's well-known empty tree
 BRANCH_PREFIX = "autoresearch/"
-# Never editable, whatever the config says: the human's instructions and the config.
-PROTECTED = ("program.md", "autoresearch.toml")
 
 # Read once at import (os.umask can only be read by setting it, which is not thread-safe).
 _UMASK = os.umask(0o022)
@@ -125,7 +124,7 @@ class Workspace:
         for rel in all_files:
             _check_relpath(rel, WorkspaceError)
         if editable is None:
-            editable = tuple(p for p in files if p not in PROTECTED and p != ".gitignore")
+            editable = tuple(p for p in files if p not in HUMAN_FILES and p != ".gitignore")
         _check_editable(tuple(editable))
         gitignore = all_files.get(".gitignore", "")
         if STATE_DIR + "/" not in gitignore.splitlines():
@@ -625,7 +624,7 @@ def _check_editable(editable: tuple[str, ...]) -> None:
         raise ConfigError("run.editable is empty: name at least one editable file")
     for rel in editable:
         _check_relpath(rel, ConfigError)
-        if rel in PROTECTED or rel == ".gitignore" or rel.split("/")[0] in (STATE_DIR, ".git"):
+        if never_editable(rel):
             raise ConfigError(f"run.editable lists {rel}, which is never editable")
 
 

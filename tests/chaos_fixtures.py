@@ -21,7 +21,7 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from autoresearch.daemon import HUMAN_FILES
+from autoresearch.workspace import HUMAN_FILES
 from autoresearch.eventlog import verify_path
 from autoresearch.report import results_tsv
 from autoresearch.state import TERMINAL, fold
