@@ -19,6 +19,7 @@ from datetime import datetime
 from pathlib import Path
 
 from . import __version__
+from .clock import parse_utc
 from .errors import BusyError, CorruptLogError, Exit, SystemRefusedError, UserError, WorkspaceError
 
 EXAMPLES = """examples:
@@ -283,7 +284,7 @@ def cmd_status(args) -> int:
         # The run in flight: its clock from the launch event, its progress from its own output.
         from . import config as config_mod, progress
 
-        elapsed = max(0.0, time.time() - datetime.fromisoformat(cur.launched.replace("Z", "+00:00")).timestamp())
+        elapsed = max(0.0, time.time() - parse_utc(cur.launched))
         try:
             budget = config_mod.load(root).run.budget_seconds
         except UserError:

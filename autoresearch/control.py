@@ -13,6 +13,7 @@ import os
 import time
 from pathlib import Path
 
+from .clock import utc_iso
 from .errors import LockedError
 
 LOCK_NAME = "daemon.lock"
@@ -101,13 +102,11 @@ def submit_request(state_dir: Path, action: str, *, experiment: int | None = Non
     `experiment`: the experiment a skip is meant for (the one in flight when it was asked);
     the daemon answers "already ended" rather than skip the next one.
     """
-    from .eventlog import utc_now  # not at import: `run` checks the lock before loading SQLite tooling
-
     inbox = Path(state_dir) / INBOX_NAME
     inbox.mkdir(parents=True, exist_ok=True)
     # The id starts with the time in ns, so that sorting names reads requests in order.
     rid = f"{time.time_ns():019d}-{os.getpid()}-{os.urandom(3).hex()}"
-    request = {"id": rid, "action": action, "time": utc_now()}
+    request = {"id": rid, "action": action, "time": utc_iso(precision="microseconds")}
     if experiment is not None:
         request["experiment"] = experiment
     tmp = inbox / f".{rid}.tmp"

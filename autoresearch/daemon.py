@@ -30,13 +30,13 @@ import statistics
 import sys
 import threading
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
 import structlog
 
 from . import __version__, config as config_mod, faults, progress, secrets
+from .clock import parse_utc, utc_iso
 from .alerts import Alerts
 from .control import INBOX_NAME, WorkspaceLock
 from .errors import ConfigError, CorruptLogError, Exit, UserError, WorkspaceError
@@ -69,15 +69,6 @@ PROGRAM_SETTLE_S = 0.2  # an editor's save may take several writes; record the s
 
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def _utc(ts: float | None = None) -> str:
-    dt = datetime.now(timezone.utc) if ts is None else datetime.fromtimestamp(ts, timezone.utc)
-    return dt.isoformat(timespec="seconds").replace("+00:00", "Z")
-
-
-def _parse_utc(text: str) -> float:
-    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
 
 
 def make_proposer(cfg: config_mod.Config, kind: str | None = None):
@@ -680,7 +671,7 @@ class Daemon:
                                    or self._session_over())
                 elif state == "blocked":
                     # Ends at retry_at, or earlier on `resume` (_handle_request); a skip does not end it.
-                    retry_at = _parse_utc(self.state.retry_at) if self.state.retry_at else time.time()
+                    retry_at = parse_utc(self.state.retry_at) if self.state.retry_at else time.time()
                     waited = self._wait(lambda: d.state != "blocked" or time.time() >= retry_at
                                         or self._session_over())
                     if waited == "skip":
@@ -728,7 +719,7 @@ class Daemon:
             reason = f"max_experiments {lim.max_experiments} reached"
         elif lim.max_cost_usd and st.cost_usd >= lim.max_cost_usd:
             reason = f"max_cost_usd {lim.max_cost_usd:g} reached (spent ${st.cost_usd:.2f})"
-        elif lim.max_hours and st.first_time and time.time() - _parse_utc(st.first_time) >= lim.max_hours * 3600:
+        elif lim.max_hours and st.first_time and time.time() - parse_utc(st.first_time) >= lim.max_hours * 3600:
             reason = f"max_hours {lim.max_hours:g} reached"
         if reason:
             d.fire("exhaust", reason=reason)
@@ -945,7 +936,7 @@ class Daemon:
         if retry_after is not None:
             delay = max(delay, retry_after)
         self._failures += 1
-        self.machines.daemon.fire("block", reason=reason, retry_at=_utc(time.time() + delay))
+        self.machines.daemon.fire("block", reason=reason, retry_at=utc_iso(time.time() + delay))
 
     def _run_env(self) -> dict[str, str]:
         env = {**os.environ, "AUTORESEARCH_RUN_TAG": self._run_tag()}

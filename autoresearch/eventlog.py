@@ -25,13 +25,13 @@ import re
 import shutil
 import sqlite3
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator, NamedTuple
 
 import msgspec
 import sqlite_utils
 
+from .clock import parse_utc, utc_iso, utc_stamp
 from .errors import CorruptLogError, SystemRefusedError, WorkspaceError
 from .state import State, fold  # noqa: F401  (re-exported: the fold belongs to the log's API)
 
@@ -120,10 +120,6 @@ def decode_payload(text: str) -> dict[str, Any]:
         return _decode(text)
     except msgspec.DecodeError:
         return json.loads(text)
-
-
-def utc_now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
 
@@ -221,7 +217,7 @@ class EventLog:
             db["meta"].create({"key": str, "value": str}, pk="key")
             db["meta"].insert_all([
                 {"key": "schema_version", "value": str(SCHEMA_VERSION)},
-                {"key": "created", "value": utc_now()},
+                {"key": "created", "value": utc_iso(precision="microseconds")},
                 {"key": "app", "value": "autoresearch"},
             ])
             db["events"].create(
@@ -262,7 +258,7 @@ class EventLog:
             raise ValueError(f"bad aggregate {aggregate!r}")
         payload = payload or {}
         text = canonical_payload(payload)
-        seq, time = self._last_seq + 1, utc_now()
+        seq, time = self._last_seq + 1, utc_iso(precision="microseconds")
         digest = event_hash(seq, time, aggregate, trigger, source, dest, text, self._last_hash)
         row = (seq, time, aggregate, trigger, source, dest, text, self._last_hash, digest)
         # One transaction per event: COMMIT with synchronous=FULL fsyncs the WAL.
@@ -339,7 +335,7 @@ def _row_problem(row: tuple) -> str:
     if not AGGREGATE_RE.match(aggregate):
         return f"bad aggregate {aggregate!r}"
     try:
-        datetime.fromisoformat(time.replace("Z", "+00:00"))
+        parse_utc(time)
     except ValueError:
         return f"bad time {time!r}"
     try:
@@ -625,7 +621,7 @@ def repair(path: Path, anchors: list[tuple[int, str]] = ()) -> RepairReport:
     path = Path(path)
     if not path.exists() and not anchors:
         raise no_log_error(path)
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    stamp = utc_stamp()
     # A log deleted outright, but anchored: a new log that records every anchored number as lost.
     backup = path.with_name(f"{path.name}.bak-{stamp}") if path.exists() else None
     for suffix in ("", "-wal", "-shm"):
@@ -646,7 +642,7 @@ def repair(path: Path, anchors: list[tuple[int, str]] = ()) -> RepairReport:
     finally:
         for suffix in ("", "-wal", "-shm"):
             Path(str(scratch) + suffix).unlink(missing_ok=True)
-    now = utc_now()
+    now = utc_iso(precision="microseconds")
     known = {s for d in damage for s in range(d.first, d.last + 1)}
     kept, quarantined, lost_seqs, earlier = [], [], [], 0
     upper = max(highest, max(rows, default=0), max((s for s, _ in anchors), default=0),

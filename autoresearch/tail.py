@@ -13,11 +13,12 @@ import json
 import os
 import sys
 import threading
+import time
 from collections.abc import Iterable, Iterator
-from datetime import datetime
 from pathlib import Path
 from typing import IO
 
+from .clock import parse_utc
 from .errors import UserError
 from .logs import LOG_NAME
 from .sanitize import clean
@@ -49,10 +50,10 @@ def matches(event: dict | None, experiment: int | None) -> bool:
 
 def _local_time(stamp: object) -> str:
     try:
-        when = datetime.fromisoformat(str(stamp).replace("Z", "+00:00"))
+        when = parse_utc(str(stamp))
     except ValueError:
         return str(stamp)
-    return when.astimezone().strftime("%H:%M:%S")
+    return time.strftime("%H:%M:%S", time.localtime(when))
 
 
 def _value(value: object) -> str:

@@ -37,8 +37,8 @@ from optuna.storages.journal import BaseJournalBackend, JournalFileBackend  # no
 from optuna.study import StudyDirection  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
 
-from autoresearch.eventlog import (GENESIS_HASH, INSERT_SQL, EventLog, canonical_payload, event_hash,  # noqa: E402
-                                   utc_now)
+from autoresearch.clock import utc_iso  # noqa: E402
+from autoresearch.eventlog import GENESIS_HASH, INSERT_SQL, EventLog, canonical_payload, event_hash  # noqa: E402
 
 # A realistic mix: one experiment's worth of events, payloads of the sizes the daemon writes.
 CYCLE = [
@@ -59,7 +59,7 @@ TARGETS = {"append_raw": 0.5, "append_optuna": 0.5, "replay_optuna": 0.4}
 def record(i: int) -> dict:
     """Event i as a JSON-ready record: what the references append and replay."""
     trigger, src, dst, payload = CYCLE[i % len(CYCLE)]
-    return {"seq": i + 1, "time": utc_now(), "aggregate": f"experiment:{i // len(CYCLE)}", "trigger": trigger,
+    return {"seq": i + 1, "time": utc_iso(precision="microseconds"), "aggregate": f"experiment:{i // len(CYCLE)}", "trigger": trigger,
             "source": src, "dest": dst, "payload": payload, "prev_hash": "d" * 64, "hash": "e" * 64}
 
 
@@ -110,7 +110,7 @@ def build_log(n: int, path: Path) -> None:
     prev, rows = GENESIS_HASH, []
     for i in range(n):
         trigger, src, dst, payload = CYCLE[i % len(CYCLE)]
-        seq, t, agg, text = i + 1, utc_now(), f"experiment:{i // len(CYCLE)}", canonical_payload(payload)
+        seq, t, agg, text = i + 1, utc_iso(precision="microseconds"), f"experiment:{i // len(CYCLE)}", canonical_payload(payload)
         digest = event_hash(seq, t, agg, trigger, src, dst, text, prev)
         rows.append((seq, t, agg, trigger, src, dst, text, prev, digest))
         prev = digest

@@ -25,7 +25,7 @@ import statistics
 import sys
 import tempfile
 import time
-from datetime import date, datetime
+from datetime import date
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,6 +33,7 @@ sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
 import structlog  # noqa: E402
 
+from autoresearch.clock import parse_utc  # noqa: E402
 from autoresearch.daemon import Daemon  # noqa: E402
 from autoresearch.eventlog import EventLog  # noqa: E402
 from daemon_fixtures import make_workspace  # noqa: E402
@@ -63,10 +64,6 @@ def git_bookkeeping(src: Path, cycles: int) -> list[float]:
         out.append((time.perf_counter() - t0) * 1000)
     shutil.rmtree(ws)
     return out
-
-
-def ts(text: str) -> float:
-    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
 
 
 def run_daemon(root: Path, experiments: int) -> tuple[list, float]:
@@ -110,7 +107,7 @@ def measure(events: list) -> tuple[list[float], list[float], dict[str, list[floa
     for e in events:
         if e.experiment is not None:
             slot = by_n.setdefault(e.experiment, {})
-            slot.setdefault(e.trigger, ts(e.time))
+            slot.setdefault(e.trigger, parse_utc(e.time))
             if e.trigger == "finish":
                 slot["run"] = e.payload["duration_s"]
     starts = sorted(n for n, s in by_n.items() if "start" in s)

@@ -18,13 +18,13 @@ import re
 import subprocess
 import threading
 import time
-from datetime import datetime
 from pathlib import Path
 
-from autoresearch.workspace import HUMAN_FILES
+from autoresearch.clock import parse_utc
 from autoresearch.eventlog import verify_path
 from autoresearch.report import results_tsv
 from autoresearch.state import TERMINAL, fold
+from autoresearch.workspace import HUMAN_FILES
 
 from daemon_fixtures import cli, events, tagged_processes
 
@@ -62,10 +62,6 @@ class ApiLog:
         with self._lock:
             self.calls.append((n, time.time()))
         return self.respond(req)
-
-
-def _ts(text: str) -> float:
-    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
 
 
 def _git(root: Path, *args: str) -> str | None:
@@ -150,7 +146,7 @@ def check_invariants(root: Path, api: ApiLog | None = None) -> list[str]:
     if api is not None:
         for e in evs:
             if e.trigger == "proposed":
-                later = [t for n, t in api.calls if n == e.experiment and t > _ts(e.time)]
+                later = [t for n, t in api.calls if n == e.experiment and t > parse_utc(e.time)]
                 if later:
                     problems.append(f"6 exp {e.experiment}: {len(later)} API request(s) after `proposed`")
     return problems

@@ -12,6 +12,7 @@ import pytest
 
 from autoresearch import config as config_mod
 from autoresearch.alerts import kind_of
+from autoresearch.clock import parse_utc
 from autoresearch.errors import ConfigError
 from autoresearch.eventlog import Event
 from daemon_fixtures import cli, events, make_workspace
@@ -71,7 +72,7 @@ def test_a_hanging_command_never_holds_up_the_loop_and_is_killed_at_its_deadline
     assert kept
     for e in kept:  # the next event came at once: the loop did not wait for the (hanging) command
         nxt = next(x for x in evs if x.seq == e.seq + 1)
-        gap = (datetime_of(nxt.time) - datetime_of(e.time))
+        gap = (parse_utc(nxt.time) - parse_utc(e.time))
         assert gap < 1.0, (e.seq, gap)  # waiting for the command would take its whole 2 s deadline
     # Each notification is killed at its 2 s deadline; the last ("stopped") had at most 15 s to go out.
     assert took < 45
@@ -79,12 +80,6 @@ def test_a_hanging_command_never_holds_up_the_loop_and_is_killed_at_its_deadline
     assert leftovers == []
     log = (root / ".autoresearch" / "daemon.log").read_text()
     assert "notification command killed at its deadline" in log
-
-
-def datetime_of(text: str) -> float:
-    from datetime import datetime
-
-    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
 
 
 def _cmdline(pid: str) -> str:

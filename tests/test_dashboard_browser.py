@@ -14,11 +14,11 @@ import os
 import shutil
 import sqlite3
 import time
-from datetime import datetime
 from pathlib import Path
 
 import pytest
 
+from autoresearch.clock import parse_utc
 from dashboard_fixtures import XSS, Dashboard, build_lab
 from daemon_fixtures import spawn_daemon, state, wait_for
 
@@ -161,7 +161,7 @@ def test_running_daemon_event_appears_without_reload_within_2s(browser, lab, das
             seq = db.execute("SELECT max(seq) FROM events").fetchone()[0]
             row = wait_for(lambda: db.execute("SELECT seq, time FROM events WHERE seq > ? ORDER BY seq LIMIT 1",
                                               [seq]).fetchone(), timeout=30, interval=0.01)
-            written = datetime.fromisoformat(row[1].replace("Z", "+00:00")).timestamp()
+            written = parse_utc(row[1])
             until(browser, lambda d: d.find_elements(By.CSS_SELECTOR, f'#events li[data-seq="{row[0]}"]'), 5)
             latencies.append(time.time() - written)
         db.close()

@@ -8,20 +8,16 @@ from __future__ import annotations
 
 import html
 import math
-from datetime import datetime
 from typing import Any, Iterable
 
 from .. import progress as progress_of_run, sanitize
+from ..clock import parse_utc
 from ..plot import progress
 from ..report import listed, outcome
 from ..state import Experiment, State
 
 # Large payload fields the page never needs in an event list (a finish event's log tail, a proposal's files).
 _BULKY = ("files", "log_tail")
-
-
-def parse_time(text: str) -> float:
-    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
 
 
 def clean_terminal_text(text: str) -> str:
@@ -41,7 +37,7 @@ def _finite(value: float | None) -> float | None:
 
 def _duration(exp: Experiment) -> float | None:
     if exp.started and exp.ended:
-        return round(parse_time(exp.ended) - parse_time(exp.started), 3)
+        return round(parse_utc(exp.ended) - parse_utc(exp.started), 3)
     return None
 
 
@@ -97,13 +93,13 @@ def header(state: State, *, now: float, daemon_pid: int | None, boot_time: str, 
         launched = slot.get("launched") or ""
         live.append({
             "n": e.n, "kind": e.kind, "state": e.state, "description": e.description,
-            "elapsed_s": round(now - parse_time(launched), 1) if launched and e.state == "training" else None,
+            "elapsed_s": round(now - parse_utc(launched), 1) if launched and e.state == "training" else None,
             "budget_s": budget_s, "loss": slot.get("loss"), "started": e.started,
         })
     return {
         "daemon": state.daemon, "alive": alive, "pid": daemon_pid, "reason": state.reason,
         "retry_at": state.retry_at, "paused": state.paused,
-        "uptime_s": round(now - parse_time(boot_time), 1) if alive and boot_time else None,
+        "uptime_s": round(now - parse_utc(boot_time), 1) if alive and boot_time else None,
         "best": best, "best_n": state.best_n, "baseline": base_metric, "gain": gain, "gain_pct": gain_pct,
         "counts": counts, "finished": finished,
         "keep_rate": counts["kept"] / finished if finished else None,
