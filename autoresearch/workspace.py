@@ -311,27 +311,7 @@ class Workspace:
 
     # ------------------------------------------------------------------ worktree state
     def _status(self) -> list[tuple[str, str]]:
-        """(XY, path) from `git status --porcelain -z` (renames split into D + A)."""
-        raw = self._git.status("--porcelain", "-z", "--untracked-files=all",
-                                   "--ignore-submodules=none", strip_newline_in_stdout=False)
-        items = raw.split("\0")
-        out: list[tuple[str, str]] = []
-        i = 0
-        while i < len(items):
-            entry = items[i]
-            i += 1
-            if len(entry) < 4:
-                continue
-            xy, path = entry[:2], entry[3:]
-            if "R" in xy or "C" in xy:  # the original path follows as its own field
-                orig = items[i]
-                i += 1
-                if "R" in xy:
-                    out.append(("D ", orig))
-                out.append(("A ", path))
-            else:
-                out.append((xy, path))
-        return out
+        return parse_status(self._git.status(*STATUS_FLAGS, strip_newline_in_stdout=False))
 
     @_git_errors
     def user_changes(self) -> list[str]:
@@ -617,6 +597,34 @@ def _remove_tree(path: Path) -> None:
                 os.chmod(full, 0o700)
     os.chmod(path, 0o700)
     shutil.rmtree(path, onerror=fix)
+
+
+# Every `git status` the project reads: machine-readable, NUL-separated (any byte in a name),
+# each untracked file listed (not its directory), submodules' changes included.
+STATUS_FLAGS = ("--porcelain=v1", "-z", "--untracked-files=all", "--ignore-submodules=none")
+
+
+def parse_status(raw: str) -> list[tuple[str, str]]:
+    """(XY, path) per entry of ``git status <STATUS_FLAGS>`` output; a rename becomes a deletion of its
+    source ("D ") and an addition of its target ("A "), a copy the addition of its target."""
+    items = raw.split("\0")
+    out: list[tuple[str, str]] = []
+    i = 0
+    while i < len(items):
+        entry = items[i]
+        i += 1
+        if len(entry) < 4:
+            continue
+        xy, path = entry[:2], entry[3:]
+        if "R" in xy or "C" in xy:  # the source path follows as its own field
+            source = items[i] if i < len(items) else ""
+            i += 1
+            if "R" in xy and source:
+                out.append(("D ", source))
+            out.append(("A ", path))
+        else:
+            out.append((xy, path))
+    return out
 
 
 def _check_editable(editable: tuple[str, ...]) -> None:

@@ -247,3 +247,10 @@ def test_the_persons_uncommitted_edits_are_not_the_agents(lab, tmp_path):
     # An edit of a path that was already dirty is the agent's change all the same.
     touch = agent(tmp_path, "open('program.md', 'a').write('agent was here\\n')\n", name="touch.py")
     assert run(touch, make_ctx(ws, harness)).meta["changed"] == ["program.md"]
+
+
+def test_a_rename_the_agent_stages_names_both_paths(lab, tmp_path):
+    # `git mv` shows in `git status` as one rename entry: the source it deleted is a change too.
+    ws, harness = lab
+    argv = agent(tmp_path, "sys.stdin.read(); subprocess.run(['git', 'mv', 'train.py', 'model.py'], check=True)\n")
+    assert run(argv, make_ctx(ws, harness)).meta["changed"] == ["model.py", "train.py"]

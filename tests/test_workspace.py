@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from autoresearch.errors import ConfigError, WorkspaceError
-from autoresearch.workspace import BEST_REF, Changes, Workspace, blob_sha
+from autoresearch.workspace import BEST_REF, STATUS_FLAGS, Changes, Workspace, blob_sha, parse_status
 
 TRAIN = "LR = 0.04\nDEPTH = 4\nprint('val_bpb: 1.0')\n"
 FILES = {"train.py": TRAIN, "program.md": "Make it better.\n"}
@@ -330,3 +330,27 @@ def test_git_survives_a_ctrl_c_that_killed_gitpythons_helpers(ws):
         proc.wait(5)
     ws.anchor(2, "b" * 64, 0)
     assert [seq for seq, _, _ in ws.anchors()] == [2, 1]
+
+
+def test_parse_status_reads_every_kind_of_entry(ws):
+    # Real `git status` output (the one both the workspace and the command proposer read): a
+    # staged rename and copy, names with spaces, an arrow and a newline, an untracked file.
+    root = ws.root
+    (root / "a b.py").write_text("x = 1\n" * 20)
+    (root / "odd\nname -> x.py").write_text("y = 2\n")
+    git(root, "add", "-A")
+    git(root, "commit", "-qm", "two more")
+    git(root, "mv", "a b.py", "c d.py")
+    (root / "odd\nname -> x.py").unlink()
+    (root / "copy.py").write_text("x = 1\n" * 20)
+    git(root, "add", "-N", "copy.py")
+    (root / "train.py").write_text("changed\n")
+    (root / "new file.txt").write_text("new\n")
+    raw = git(root, "status", *STATUS_FLAGS)
+    assert "R  c d.py\0a b.py\0" in raw  # a rename really is one entry with its source after it
+    got = sorted(parse_status(raw))
+    assert got == sorted([("D ", "a b.py"), ("A ", "c d.py"), (" D", "odd\nname -> x.py"),
+                          (" A", "copy.py"), (" M", "train.py"), ("??", "new file.txt")])
+    assert sorted(p for _, p in ws._status()) == sorted(p for _, p in got)
+    assert parse_status("") == []
+    assert parse_status("C  b.py\0a.py\0") == [("A ", "b.py")]  # a copy leaves its source alone

@@ -45,6 +45,7 @@ from pathlib import Path
 from .. import gitsafe, secrets
 from .base import NoEdit, Proposal, ProposalContext, ProposerUnavailable
 from ..sanitize import strip_controls
+from ..workspace import STATUS_FLAGS, parse_status
 from .prompt import command_prompt, one_line
 
 DROP_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
@@ -148,19 +149,8 @@ def _git(workspace: Path, *args: str) -> str | None:
 
 def _changed_paths(workspace: Path) -> list[str] | None:
     """Paths git sees as changed or new (ignored files excluded); None if git cannot tell."""
-    out = _git(workspace, "status", "--porcelain=v1", "-z", "--untracked-files=all")
-    if out is None:
-        return None
-    paths, entries = [], out.split("\0")
-    i = 0
-    while i < len(entries):
-        entry = entries[i]
-        if len(entry) > 3:
-            paths.append(entry[3:])
-            if entry[0] in "RC":  # a rename/copy is followed by its source path
-                i += 1
-        i += 1
-    return paths
+    out = _git(workspace, "status", *STATUS_FLAGS)
+    return None if out is None else [path for _, path in parse_status(out)]
 
 
 def _digest(path: Path) -> str | None:
