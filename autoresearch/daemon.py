@@ -1219,7 +1219,7 @@ class Daemon:
         """The scope guard: only the editable files may differ from best, and only by a proposer
         that edits the worktree itself (in-memory proposals must leave it untouched)."""
         changes = self.ws.changes(base=best)
-        violations = [v for v in self.ws.scope_violations(changes) if v.split(": ", 1)[-1] not in HUMAN_FILES]
+        violations = [str(v) for v in self.ws.scope_violations(changes) if v.path not in HUMAN_FILES]
         if self.ws.branch != self.branch:
             violations.insert(0, f"left the branch {self.branch} (HEAD is "
                                  f"{self.ws.branch or 'detached'})")

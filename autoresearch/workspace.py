@@ -86,6 +86,21 @@ class Changes:
         return bool(self.modified or self.added or self.deleted or self.head_moved)
 
 
+@dataclass(frozen=True, order=True)
+class Violation:
+    """One way a proposal left its scope. ``str()`` is the text recorded in a rejection's reason
+    (unchanged since it was the only form: recorded reasons stay byte-identical)."""
+
+    kind: str  # "modified", "added", "deleted", "deleted editable file" or "HEAD moved"
+    path: str = ""  # "" for "HEAD moved"
+
+    def __str__(self) -> str:
+        if self.kind == "HEAD moved":
+            return "HEAD moved: the proposal made its own commits"
+        where = " (state directory)" if self.path.split("/")[0] == STATE_DIR else ""
+        return f"{self.kind}{where}: {self.path}"
+
+
 @dataclass
 class Workspace:
     root: Path
@@ -350,24 +365,22 @@ class Workspace:
         raw = self.repo.git.diff("--name-only", "--no-renames", "-z", a, b)
         return [p for p in raw.split("\0") if p]
 
-    def scope_violations(self, changes: Changes) -> list[str]:
-        """Human-readable violations, ``"<kind>: <path>"``; empty = within scope.
+    def scope_violations(self, changes: Changes) -> list[Violation]:
+        """Every way ``changes`` leave the scope; empty = within scope.
 
         Anything but an edit of an editable file is a violation: new files,
         deletions (of editable files too), program.md, the config, .gitignore,
         anything under .autoresearch/, commits made by the proposal itself.
         """
         editable = set(self.editable)
-        out = ["HEAD moved: the proposal made its own commits"] if changes.head_moved else []
+        out = [Violation("HEAD moved")] if changes.head_moved else []
         for kind, paths in (("modified", changes.modified), ("added", changes.added),
                             ("deleted", changes.deleted)):
             for path in paths:
-                if path.split("/")[0] == STATE_DIR:
-                    out.append(f"{kind} (state directory): {path}")
-                elif path not in editable:
-                    out.append(f"{kind}: {path}")
+                if path not in editable:  # the state directory is never editable
+                    out.append(Violation(kind, path))
                 elif kind == "deleted":
-                    out.append(f"deleted editable file: {path}")
+                    out.append(Violation("deleted editable file", path))
         return out
 
     # ------------------------------------------------------------------ files

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from autoresearch.errors import ConfigError, WorkspaceError
-from autoresearch.workspace import BEST_REF, STATUS_FLAGS, Changes, Workspace, blob_sha, parse_status
+from autoresearch.workspace import (BEST_REF, STATUS_FLAGS, Changes, Violation, Workspace, blob_sha,
+                                   parse_status)
 
 TRAIN = "LR = 0.04\nDEPTH = 4\nprint('val_bpb: 1.0')\n"
 FILES = {"train.py": TRAIN, "program.md": "Make it better.\n"}
@@ -185,11 +186,22 @@ def test_scope_violations(ws, act, expected):
     act(ws.root)
     ch = ws.changes(base=ws.best())
     assert isinstance(ch, Changes) and bool(ch)
-    assert sorted(ws.scope_violations(ch)) == sorted(expected)
+    assert sorted(map(str, ws.scope_violations(ch))) == sorted(expected)
     # Rollback restores the workspace whatever the proposal did.
     ws.reset_hard(ws.best())
     assert ws.user_changes() == [] and ws.read_files() == {"train.py": TRAIN}
     assert not ws.changes()
+
+
+def test_scope_violations_are_values(ws):
+    (ws.root / "new.py").write_text("x\n")
+    (ws.root / "train.py").unlink()
+    found = ws.scope_violations(ws.changes(base=ws.best()))
+    assert sorted(found) == [Violation("added", "new.py"), Violation("deleted editable file", "train.py")]
+    assert all(v.path not in ("program.md", "autoresearch.toml") for v in found)
+    # The recorded text of each kind, as it has always been written.
+    assert [str(v) for v in sorted(found)] == ["added: new.py", "deleted editable file: train.py"]
+    assert str(Violation("deleted", ".autoresearch/x/y")) == "deleted (state directory): .autoresearch/x/y"
 
 
 def test_a_proposal_that_commits_by_itself_is_caught(ws):
@@ -199,7 +211,8 @@ def test_a_proposal_that_commits_by_itself_is_caught(ws):
     assert not ws.changes()  # clean against the new HEAD...
     ch = ws.changes(base=base)  # ...but not against the commit the daemon expects
     assert ch.head_moved and "program.md" in ch.modified
-    assert ws.scope_violations(ch)[0].startswith("HEAD moved")
+    assert ws.scope_violations(ch) == [Violation("HEAD moved"), Violation("modified", "program.md")]
+    assert str(ws.scope_violations(ch)[0]) == "HEAD moved: the proposal made its own commits"
     ws.reset_hard(base)
     assert ws.head() == base and not ws.changes(base=base)
 
