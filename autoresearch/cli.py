@@ -20,7 +20,7 @@ from pathlib import Path
 
 from . import __version__
 from .clock import parse_utc
-from .errors import BusyError, CorruptLogError, Exit, SystemRefusedError, UserError, WorkspaceError
+from .errors import BusyError, CorruptLogError, Exit, NewerLogError, SystemRefusedError, UserError, WorkspaceError
 
 EXAMPLES = """examples:
   autoresearch run lab --init          create ./lab from the built-in workload and loop until Ctrl-C
@@ -78,6 +78,22 @@ def _open_log(root: Path):
     from .eventlog import EventLog
 
     return EventLog.open_reader(root / ".autoresearch" / "events.sqlite")
+
+
+def _refuse_newer_log(root: Path) -> None:
+    """For commands that touch the workspace without reading the log through `_open_log`
+    (requests, the dashboard): a log written by a newer autoresearch is refused by them too."""
+    from .eventlog import EventLog
+
+    path = root / ".autoresearch" / "events.sqlite"
+    if not path.exists():
+        return
+    try:
+        EventLog.open_reader(path).close()
+    except NewerLogError:
+        raise
+    except (UserError, sqlite3.DatabaseError):
+        pass  # damage, permissions: each command says what it does about those
 
 
 def _read_state(root: Path):
@@ -513,6 +529,7 @@ def cmd_request(args) -> int:
     from .control import lock_holder, request_path, submit_request, withdraw_request
 
     root = _workspace_dir(args.dir)
+    _refuse_newer_log(root)
     state_dir = root / ".autoresearch"
     # Pause outlives restarts, so pause and resume can wait in the inbox for the next start;
     # skip and stop mean "now" and need a running daemon.
@@ -629,6 +646,7 @@ def cmd_dashboard(args) -> int:
     from .dashboard.server import serve
 
     root = _workspace_dir(args.dir)
+    _refuse_newer_log(root)
     try:
         return serve(root, args.listen, token=args.token, token_file=args.token_file, new_token=args.new_token)
     except KeyboardInterrupt:

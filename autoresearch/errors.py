@@ -31,7 +31,8 @@ MEANING = {
     Exit.FAILED: "an unexpected failure (a bug): a traceback, or daemon.log, says where",
     Exit.USAGE: "a mistake in what was asked: a bad option, a directory that is not a workspace, "
                 "an invalid autoresearch.toml, or something that does not exist (yet): an unknown "
-                "experiment, a workspace where the daemon never ran, nothing finished to plot",
+                "experiment, a workspace where the daemon never ran, nothing finished to plot; or an event "
+               "log written by a newer autoresearch (upgrade autoresearch)",
     Exit.BUSY: "the daemon is in the way or missing: another daemon holds the workspace (`run`, "
                "`repair`), none runs (`skip`, `stop`), or it did not answer within `--timeout`",
     Exit.CORRUPT: "the event log is damaged or cut short: `verify` says what is wrong or missing, `repair` "
@@ -59,6 +60,11 @@ class ConfigError(UserError):
 
 class WorkspaceError(UserError):
     """The workspace is not usable (not a git repo, uncommitted user changes, no event log yet, ...)."""
+
+
+class NewerLogError(UserError):
+    """The event log was written by a newer autoresearch (a schema version this one does not know):
+    reading it could misread it, writing it could damage it. Upgrading autoresearch fixes it."""
 
 
 class BusyError(UserError):

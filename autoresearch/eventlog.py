@@ -32,10 +32,19 @@ import msgspec
 import sqlite_utils
 
 from .clock import parse_utc, utc_iso, utc_stamp
-from .errors import CorruptLogError, SystemRefusedError, WorkspaceError
+from .errors import CorruptLogError, NewerLogError, SystemRefusedError, WorkspaceError
 from .state import State, fold  # noqa: F401  (re-exported: the fold belongs to the log's API)
 
-SCHEMA_VERSION = 1
+# The log's format version. Kept in the `meta` table (key `schema_version`), not in PRAGMA
+# user_version: every log ever written has that row, and every release so far refuses a value
+# it does not know, so an older autoresearch refuses a newer log instead of misreading it
+# (user_version is 0 in old logs and no older release reads it).
+#   1: the first format.
+#   2: the same tables and the same event columns; events may carry `slot` and `device`
+#      (launch), `parent` / `parents` (start, proposed), `kind = "merge"` (start), and several
+#      experiments may be in flight at once. A version-1 log is a valid version-2 log: opening
+#      one for writing only changes the meta row (no event is rewritten: the hash chain stays).
+SCHEMA_VERSION = 2
 GENESIS_HASH = "0" * 64
 AGGREGATE_RE = re.compile(r"^(daemon|experiment:\d+)$")
 COLUMNS = ("seq", "time", "aggregate", "trigger", "source", "dest", "payload", "prev_hash", "hash")
@@ -123,6 +132,19 @@ def decode_payload(text: str) -> dict[str, Any]:
 
 
 
+def schema_version(conn: sqlite3.Connection, path: Path) -> int:
+    """The schema version stored in a log's meta table; refuses one newer than this code knows
+    (NewerLogError) and one that is missing or not a version at all (CorruptLogError)."""
+    row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+    found = row[0] if row else None
+    if not (isinstance(found, str) and found.isdigit() and int(found) >= 1):
+        raise CorruptLogError(f"{path}: event log schema version {found or 'none'}, "
+                              f"this autoresearch reads versions 1 to {SCHEMA_VERSION}")
+    if int(found) > SCHEMA_VERSION:
+        raise NewerLogError(f"{path}: written by a newer autoresearch (schema {found}); upgrade autoresearch")
+    return int(found)
+
+
 def no_log_error(path: Path) -> WorkspaceError:
     """A missing log is a usage problem (wrong directory, or the daemon never ran), not damage."""
     return WorkspaceError(f"{path}: no event log (the daemon has not run in this workspace yet)")
@@ -150,13 +172,21 @@ class EventLog:
             cls._create_file(path)
         try:
             db = sqlite_utils.Database(str(path))
+        except sqlite3.DatabaseError as exc:
+            raise open_error(path, exc) from None
+        try:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=FULL")
             db.execute("PRAGMA busy_timeout=5000")
-            cls._check_schema(db, path)
+            if cls._check_schema(db, path) < SCHEMA_VERSION:
+                cls._upgrade(db)
             return cls(path, db)
         except sqlite3.DatabaseError as exc:
+            db.conn.close()
             raise open_error(path, exc) from None
+        except BaseException:
+            db.conn.close()  # refused (a newer or foreign log): leave it as it was, -wal and all
+            raise
 
     @classmethod
     def open_reader(cls, path: Path) -> "EventLog":
@@ -228,19 +258,26 @@ class EventLog:
             db["events"].create_index(["aggregate", "seq"])
 
     @staticmethod
-    def _check_schema(db: sqlite_utils.Database, path: Path) -> None:
+    def _check_schema(db: sqlite_utils.Database, path: Path) -> int:
+        """The log's schema version, once it is one this code reads (any up to SCHEMA_VERSION)."""
         tables = db.table_names()
         if "meta" not in tables or "events" not in tables:
             raise CorruptLogError(f"{path}: not an autoresearch event log (no meta/events table)")
-        row = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-        if row is None or row[0] != str(SCHEMA_VERSION):
-            found = row[0] if row else "none"
-            raise CorruptLogError(
-                f"{path}: event log schema version {found}, this autoresearch reads version {SCHEMA_VERSION}"
-            )
+        version = schema_version(db.conn, path)
         missing = set(COLUMNS) - set(db["events"].columns_dict)
         if missing:
             raise CorruptLogError(f"{path}: events table lacks columns {sorted(missing)}")
+        return version
+
+    @staticmethod
+    def _upgrade(db: sqlite_utils.Database) -> None:
+        """Mark an older log as SCHEMA_VERSION (only writers do: readers never write). Each
+        version so far is a superset of the one before, so the events stay as they are."""
+        with db.conn:
+            found = db.conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0]
+            db.conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", [str(SCHEMA_VERSION)])
+            db.conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                            [f"upgraded_from_{found}", utc_iso()])
 
     def close(self) -> None:
         self.db.conn.close()
@@ -621,6 +658,7 @@ def repair(path: Path, anchors: list[tuple[int, str]] = ()) -> RepairReport:
     path = Path(path)
     if not path.exists() and not anchors:
         raise no_log_error(path)
+    _refuse_newer(path)  # rebuilt by this code, it would silently become an older format
     stamp = utc_stamp()
     # A log deleted outright, but anchored: a new log that records every anchored number as lost.
     backup = path.with_name(f"{path.name}.bak-{stamp}") if path.exists() else None
@@ -680,6 +718,23 @@ def repair(path: Path, anchors: list[tuple[int, str]] = ()) -> RepairReport:
         Path(str(fresh) + suffix).unlink(missing_ok=True)
     os.replace(fresh, path)
     return RepairReport(backup, len(kept), quarantined, lost, upper, earlier)
+
+
+def _refuse_newer(path: Path) -> None:
+    """NewerLogError when `path` says a newer autoresearch wrote it; anything else (no file, a
+    damaged one, no readable version) is repair's to handle."""
+    if not path.exists():
+        return
+    try:
+        conn = sqlite3.connect(f"file:{path}?immutable=1", uri=True)
+    except sqlite3.DatabaseError:
+        return
+    try:
+        schema_version(conn, path)
+    except (CorruptLogError, sqlite3.DatabaseError):
+        pass
+    finally:
+        conn.close()
 
 
 def _fold_wal(copy: Path) -> None:

@@ -299,3 +299,25 @@ def test_ctrl_c_with_a_page_open_stops_cleanly(lab):
     finally:
         conn.close()
         d.stop()
+
+
+def test_the_dashboard_never_folds_a_log_a_newer_autoresearch_wrote(tmp_path):
+    """`dashboard` refuses such a log at start (test_exit_codes); its reader, too, never
+    follows one (a log a newer daemon created after the page was opened)."""
+    import sqlite3
+
+    from autoresearch.dashboard.source import LogReader
+    from autoresearch.eventlog import SCHEMA_VERSION
+
+    state_dir = tmp_path / ".autoresearch"
+    state_dir.mkdir()
+    log = EventLog.open(state_dir / "events.sqlite")
+    log.append("daemon", "boot", "stopped", "starting", {})
+    log.close()
+    assert len(LogReader(state_dir).poll()[0]) == 1
+    conn = sqlite3.connect(state_dir / "events.sqlite")
+    with conn:
+        conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", [str(SCHEMA_VERSION + 1)])
+    conn.close()
+    reader = LogReader(state_dir)
+    assert reader.poll() == ([], False) and reader.state.seq == 0 and reader.conn is None

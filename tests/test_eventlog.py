@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from autoresearch.errors import CorruptLogError, SystemRefusedError
+from autoresearch.errors import CorruptLogError, Exit, NewerLogError, SystemRefusedError
 from autoresearch.eventlog import SCHEMA_VERSION, EventLog, canonical_payload, decode_payload, repair, verify_path
 
 
@@ -121,12 +121,78 @@ def test_verify_detects_a_gap(tmp_path):
     assert not report.ok and report.first_bad_seq == 4 and "gap" in report.problem
 
 
-def test_schema_version_is_checked_at_open(tmp_path):
+def _version(path):
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        return dict(conn.execute("SELECT key, value FROM meta").fetchall())
+    finally:
+        conn.close()
+
+
+def _files(path):
+    return {p.name: p.read_bytes() for p in path.parent.glob(path.name + "*")}
+
+
+def test_a_new_log_has_the_current_schema_version(tmp_path):
     path = tmp_path / "events.sqlite"
     _fill(path, 1)
-    _sql(path, "UPDATE meta SET value = '99' WHERE key = 'schema_version'")
-    with pytest.raises(CorruptLogError, match=f"schema version 99, this autoresearch reads version {SCHEMA_VERSION}"):
+    assert SCHEMA_VERSION == 2 and _version(path)["schema_version"] == "2"
+
+
+def test_a_log_from_a_newer_autoresearch_is_refused_and_left_alone(tmp_path):
+    path = tmp_path / "events.sqlite"
+    _fill(path, 3)
+    _sql(path, "UPDATE meta SET value = ? WHERE key = 'schema_version'", [str(SCHEMA_VERSION + 1)])
+    before = _files(path)
+    line = f"{path}: written by a newer autoresearch (schema {SCHEMA_VERSION + 1}); upgrade autoresearch"
+    for opener in (EventLog.open, EventLog.open_reader, verify_path, repair):
+        with pytest.raises(NewerLogError) as info:
+            opener(path)
+        assert str(info.value) == line and info.value.exit_code == Exit.USAGE
+    after = _files(path)
+    assert after["events.sqlite"] == before["events.sqlite"] and not after.get("events.sqlite-wal")
+    # No backup, no rebuilt log beside it (a read-only open may leave SQLite's empty -wal / -shm).
+    assert {p.name for p in tmp_path.iterdir()} <= {"events.sqlite", "events.sqlite-wal", "events.sqlite-shm"}
+
+
+@pytest.mark.parametrize("value", [None, "0", "two", "-1", ""])
+def test_a_missing_or_meaningless_schema_version_is_damage(tmp_path, value):
+    path = tmp_path / "events.sqlite"
+    _fill(path, 1)
+    if value is None:
+        _sql(path, "DELETE FROM meta WHERE key = 'schema_version'")
+    else:
+        _sql(path, "UPDATE meta SET value = ? WHERE key = 'schema_version'", [value])
+    with pytest.raises(CorruptLogError, match=f"schema version {value or 'none'}, this autoresearch reads "
+                                              f"versions 1 to {SCHEMA_VERSION}"):
         EventLog.open(path)
+    report = verify_path(path)
+    assert not report.ok and not report.corrupt  # repair would not know what to rebuild it as
+
+
+def test_a_version_1_log_is_read_as_it_is_and_upgraded_by_a_writer_only(tmp_path):
+    path = tmp_path / "events.sqlite"
+    _fill(path, 5)
+    _sql(path, "UPDATE meta SET value = '1' WHERE key = 'schema_version'")  # what every log before 2 says
+    before = _files(path)["events.sqlite"]
+    log = EventLog.open_reader(path)
+    hashes = [e.hash for e in log.events()]
+    log.close()
+    assert verify_path(path).ok
+    # Readers never write: not the version, nothing.
+    assert _files(path)["events.sqlite"] == before and not _files(path).get("events.sqlite-wal")
+    assert _version(path)["schema_version"] == "1"
+
+    log = EventLog.open(path)  # the daemon, repair: marks it as the current version
+    log.append("daemon", "boot", "stopped", "starting", {"slot": 0})
+    log.close()
+    meta = _version(path)
+    assert meta["schema_version"] == str(SCHEMA_VERSION) and "upgraded_from_1" in meta
+    log = EventLog.open_reader(path)
+    events = list(log.events())
+    log.close()
+    assert [e.hash for e in events[:5]] == hashes and len(events) == 6  # no event rewritten
+    assert verify_path(path).ok
 
 
 def test_not_a_database(tmp_path):

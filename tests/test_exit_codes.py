@@ -10,12 +10,14 @@ from __future__ import annotations
 import argparse
 import re
 import shutil
+import sqlite3
 from pathlib import Path
 
 import pytest
 
 from autoresearch.cli import build_parser
 from autoresearch.errors import MEANING, NO_RESTART, Exit
+from autoresearch.eventlog import SCHEMA_VERSION
 
 from daemon_fixtures import REPO, cli, current, make_workspace, spawn_daemon, wait_for
 
@@ -35,6 +37,12 @@ def places(tmp_path_factory):
     (corrupt / ".autoresearch" / "events.sqlite").write_bytes(b"this is not an event log" * 100)
     for suffix in ("-wal", "-shm"):
         (corrupt / ".autoresearch" / f"events.sqlite{suffix}").unlink(missing_ok=True)
+    newer = base / "newer"  # as a later autoresearch (a higher schema version) would leave it
+    shutil.copytree(lab, newer)
+    conn = sqlite3.connect(newer / ".autoresearch" / "events.sqlite")
+    with conn:
+        conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", [str(SCHEMA_VERSION + 1)])
+    conn.close()
     running = make_workspace(base / "running")
     mode = base / "mode"
     mode.write_text("sleep:60")
@@ -44,7 +52,7 @@ def places(tmp_path_factory):
     try:
         wait_for(lambda: current(running, "training"), timeout=60)
         yield {"fresh": make_workspace(base / "fresh"), "lab": lab, "corrupt": corrupt, "running": running,
-               "plain": plain, "missing": base / "missing", "base": base}
+               "plain": plain, "missing": base / "missing", "base": base, "newer": newer}
     finally:
         daemon.terminate()
         daemon.wait(timeout=60)
@@ -109,6 +117,24 @@ def test_exit_code(places, line, code):
     # argparse's usage error is two lines; verify's diagnosis of a damaged log is its report, not a mistake.
     if code not in (OK, DECLINED) and not out.stderr.startswith("usage:") and args[0] != "verify":
         assert out.stderr.startswith("autoresearch: error: ") and out.stderr.count("\n") == 1, out.stderr
+
+
+# Every command that reads or writes the event log, on a log a newer autoresearch wrote.
+NEWER = ["run {newer}", "status {newer}", "status {newer} --json", "results {newer}", "history {newer}",
+         "show {newer} 1", "verify {newer}", "repair {newer}", "plot {newer} -o {base}/newer.png",
+         "pause {newer}", "resume {newer}", "skip {newer}", "stop {newer}", "dashboard {newer} --listen 127.0.0.1:0"]
+
+
+@pytest.mark.parametrize("line", NEWER)
+def test_a_log_from_a_newer_autoresearch_is_refused(places, line):
+    path = places["newer"] / ".autoresearch" / "events.sqlite"
+    before = path.read_bytes()
+    out = cli(*[part.format(**places) for part in line.split()], timeout=30)
+    assert out.returncode == USAGE, (line, out.returncode, out.stdout, out.stderr)
+    assert out.stderr == (f"autoresearch: error: {path}: written by a newer autoresearch "
+                          f"(schema {SCHEMA_VERSION + 1}); upgrade autoresearch\n")
+    assert path.read_bytes() == before and not list((places["newer"] / ".autoresearch" / "inbox").iterdir())
+    assert not list(path.parent.glob("events.sqlite.bak-*"))
 
 
 def test_service_without_systemd_is_the_machine_refusing(tmp_path):

@@ -20,9 +20,9 @@ import subprocess
 from pathlib import Path
 
 from .. import gitsafe
-from .. import gitsafe
 from ..control import LOCK_NAME
-from ..eventlog import Event
+from ..errors import UserError
+from ..eventlog import Event, schema_version
 from ..state import State, apply
 
 EVENTS_NAME = "events.sqlite"
@@ -56,10 +56,15 @@ class LogReader:
         try:
             ino = os.stat(self.path).st_ino
             conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, check_same_thread=False)
+        except (OSError, sqlite3.Error):
+            return False  # not there yet (the daemon has not run)
+        try:
             conn.execute("PRAGMA query_only=1")
             conn.execute("SELECT 1 FROM events LIMIT 1").fetchall()
-        except (OSError, sqlite3.Error):
-            return False  # not there yet (the daemon has not run), or being created
+            schema_version(conn, self.path)  # never fold a log a newer autoresearch wrote
+        except (sqlite3.Error, UserError):
+            conn.close()
+            return False  # being created, or not ours to read
         self.conn, self._ino = conn, ino
         return True
 
