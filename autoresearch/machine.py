@@ -12,12 +12,12 @@ Restoring after a crash is `fold` + creating the models at the folded
 states: no side effect is re-run by restoring.
 
 Payload keys, by trigger (experiment machine):
-  start      kind ("experiment"|"baseline"), proposer
-  proposed   description, files {path: text}, proposer, usage, cost_usd, meta
+  start      kind ("experiment"|"baseline"|"merge"), proposer, parent, parents (both optional: schema 2)
+  proposed   description, files {path: text}, proposer, usage, cost_usd, meta, parent, parents (optional)
   spend      usage, cost_usd, reason          (a proposer call that gave nothing)
   commit     commit, parent, hashes {path: sha256}, added, removed
   adopt      commit, parent, hashes, files, description   (baseline: run the best as is)
-  launch     log, attempt, sandbox
+  launch     log, attempt, sandbox, slot, device (both optional: schema 2)
   rerun      like launch (noise runs of the baseline)
   finish     exit_code, signal, timed_out, killed, metric, memory_gb, duration_s, log_tail
   trained    like finish: a run that ended well, whose metric is then evaluated (metric: what

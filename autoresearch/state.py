@@ -18,18 +18,23 @@ from typing import Any, Iterable
 
 TERMINAL = ("kept", "discarded", "crashed", "rejected")
 
+# Events may carry fields that older logs lack (schema version 2, eventlog.py): `slot` and
+# `device` on launch, `parent` / `parents` on start and proposed, `kind = "merge"` on start.
+# Each is read with a default, so a version-1 log folds as it always did.
+
 
 @dataclass
 class Experiment:
     n: int
     state: str = "new"
-    kind: str = "experiment"  # "experiment" | "baseline"
+    kind: str = "experiment"  # "experiment" | "baseline" | "merge" (two kept lines of work combined)
     proposer: str = ""
     description: str = ""
     files: dict[str, str] | None = None  # the recorded proposal (editable files' content)
     meta: dict[str, Any] = field(default_factory=dict)  # the proposer's notes, e.g. fallback_from/_reason
     commit: str | None = None
-    parent: str | None = None
+    parent: str | None = None  # the commit it was made from (the best when it was proposed)
+    parents: list[str] = field(default_factory=list)  # a merge's: the commits it combines
     hashes: dict[str, str] = field(default_factory=dict)  # editable path -> sha256 at commit
     added: int = 0
     removed: int = 0
@@ -40,6 +45,8 @@ class Experiment:
     evaluations: int = 0  # evaluation processes started for the current run (a restart re-runs one)
     runs: int = 0  # launches (reruns and retries included)
     launched: str = ""  # when the latest run was launched (UTC ISO)
+    slot: int | None = None  # where the latest run ran (logs before slots: not recorded)
+    device: str = ""  # what the latest run ran on, e.g. a GPU model ("": not recorded)
     log: str = ""  # the latest run's output log, relative to the workspace
     failed_runs: int = 0  # a baseline's failed runs (each retried as this same experiment)
     failure: str = ""  # why the latest of them failed
@@ -96,7 +103,7 @@ class State:
     def counts(self) -> dict[str, int]:
         out = {s: 0 for s in TERMINAL}
         for exp in self.experiments.values():
-            if exp.kind == "experiment" and exp.state in out:
+            if exp.kind != "baseline" and exp.state in out:
                 out[exp.state] += 1
         return out
 
@@ -192,6 +199,9 @@ def apply(state: State, event) -> State:
     if spends:
         _add_spend(exp, usage, cost, "cost_usd" in p)
     t = event.trigger
+    if t in ("start", "proposed"):
+        exp.parent = p.get("parent", exp.parent)
+        exp.parents = list(p.get("parents", exp.parents))
     if t == "start":
         exp.kind = p.get("kind", "experiment")
         exp.proposer = p.get("proposer", "")
@@ -201,7 +211,7 @@ def apply(state: State, event) -> State:
         exp.proposer = p.get("proposer", exp.proposer)
         exp.meta = p.get("meta") or {}
     elif t in ("commit", "adopt"):
-        exp.commit, exp.parent = p["commit"], p.get("parent")
+        exp.commit, exp.parent = p["commit"], p.get("parent", exp.parent)
         exp.hashes = p.get("hashes", {})
         exp.added, exp.removed = p.get("added", 0), p.get("removed", 0)
         if t == "adopt":
@@ -213,6 +223,7 @@ def apply(state: State, event) -> State:
         exp.sandbox = p.get("sandbox", exp.sandbox)
         exp.launched, exp.log = event.time, p.get("log", "")
         exp.sandbox_why = p.get("sandbox_why", "")
+        exp.slot, exp.device = p.get("slot", exp.slot), p.get("device", exp.device)
     elif t == "finish":
         exp.log_tail = p.get("log_tail", "")
         if p.get("metric") is not None:
@@ -246,7 +257,7 @@ def apply(state: State, event) -> State:
         exp.ended = event.time
         exp.reason = p.get("reason", exp.reason)
         exp.metric = p.get("metric", exp.metric)
-        if event.dest == "kept" and exp.kind == "experiment":
+        if event.dest == "kept" and exp.kind != "baseline":  # a baseline's keep: baseline_done
             state.best_commit, state.best_metric, state.best_n = exp.commit, exp.metric, n
         if event.dest == "crashed":
             state.last_failure_n = n

@@ -10,22 +10,53 @@ it: this module is the guard.
 
 from __future__ import annotations
 
+import csv
+import hashlib
+import io
 import json
+import sqlite3
 import tarfile
 from pathlib import Path
 
 import pytest
 
-from autoresearch.report import results_tsv
-from autoresearch.state import fold
+from autoresearch.eventlog import SCHEMA_VERSION, Event, EventLog
+from autoresearch.machine import Machines
+from autoresearch.report import results_rows, results_tsv
+from autoresearch.state import State, apply, fold
 
 from chaos_fixtures import check_invariants
-from daemon_fixtures import cli, events, git
+from daemon_fixtures import cli, git
 
 DATA = Path(__file__).parent / "data" / "workspace-v1.tar.gz"
 # What the old code recorded (experiment: state, metric); the fixture's train.py computes them.
 RECORDED = {0: ("kept", 1.987634), 1: ("kept", 1.323364), 2: ("kept", 1.153968),
             3: ("discarded", 1.275976), 4: ("kept", 1.143168), 5: ("training", None)}
+
+
+def events(root: Path) -> list:
+    """The log's events, read as `status` reads them (a writer would upgrade the log)."""
+    log = EventLog.open_reader(root / ".autoresearch" / "events.sqlite")
+    try:
+        return list(log.events())
+    finally:
+        log.close()
+
+
+def schema(root: Path) -> str:
+    conn = sqlite3.connect(f"file:{root / '.autoresearch' / 'events.sqlite'}?mode=ro", uri=True)
+    try:
+        return conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0]
+    finally:
+        conn.close()
+
+
+def log_digest(root: Path) -> str:
+    """The log's content as stored (the main file and its -wal)."""
+    h = hashlib.sha256()
+    for name in ("events.sqlite", "events.sqlite-wal"):
+        h.update((root / ".autoresearch" / name).read_bytes())
+    return h.hexdigest()
 
 
 @pytest.fixture
@@ -48,14 +79,17 @@ def test_fixture_is_small_and_as_described(v1):
 
 def test_verify_is_clean(v1):
     root, meta = v1
+    assert schema(root) == "1"
     out = cli("verify", str(root))
     assert out.returncode == 0, out.stderr
     assert f"ok: {meta['events']} events" in out.stdout
+    assert schema(root) == "1"
     assert "every transition legal" in out.stdout
 
 
 def test_status_and_results_show_the_recorded_experiments(v1):
     root, meta = v1
+    stored = log_digest(root)
     out = cli("results", str(root))
     assert out.returncode == 0, out.stderr
     # The same table, byte for byte, as the code that made the workspace printed.
@@ -83,11 +117,14 @@ def test_status_and_results_show_the_recorded_experiments(v1):
 
     folded = fold(events(root))
     assert {n: (e.state, e.metric) for n, e in folded.experiments.items()} == RECORDED
+    # Readers wrote nothing: the log, its -wal and its schema version (1) are as the old code left them.
+    assert log_digest(root) == stored and schema(root) == "1"
 
 
 def test_run_resumes_the_interrupted_experiment_then_numbers_go_on(v1):
     root, meta = v1
-    before = fold(events(root))
+    before_events = events(root)
+    before = fold(before_events)
     commit5 = git(root, "rev-parse", "refs/autoresearch/exp/5")
     assert before.experiments[5].commit == commit5
 
@@ -107,6 +144,9 @@ def test_run_resumes_the_interrupted_experiment_then_numbers_go_on(v1):
     triggers = [e.trigger for e in events(root) if e.experiment == 5]
     assert "interrupt" in triggers and triggers.count("start") == 1
 
+    assert schema(root) == str(SCHEMA_VERSION)  # the daemon, a writer, upgraded it; events kept
+    old = {e.seq: e.hash for e in events(root) if e.seq <= meta["events"]}
+    assert len(old) == meta["events"] and old == {e.seq: e.hash for e in before_events}
     out = cli("verify", str(root))
     assert out.returncode == 0, out.stderr
     assert check_invariants(root) == []
@@ -114,3 +154,94 @@ def test_run_resumes_the_interrupted_experiment_then_numbers_go_on(v1):
     table = cli("results", str(root)).stdout
     assert table.startswith(meta["results_tsv"])
     assert table == results_tsv(after) and len(table.splitlines()) == 1 + 7
+
+
+# ------------------------------------------------------------------ the fold, old and new events
+
+class Recorder:
+    """Legal events through the real machines (as the daemon records them), folded live."""
+
+    def __init__(self):
+        self.events, self.live = [], State()
+        self.m = Machines(self._record)
+
+    def _record(self, aggregate, trigger, source, dest, payload):
+        seq = len(self.events) + 1
+        event = Event(seq, f"2026-11-29T14:00:{seq:02d}.000000Z", aggregate, trigger, source, dest,
+                      json.loads(json.dumps(payload)), f"h{seq}")
+        self.events.append(event)
+        apply(self.live, event)
+
+    def baseline(self, metric):
+        d, e = self.m.daemon, self.m.experiment(0)
+        d.fire("boot", pid=1)
+        d.fire("prepare")
+        d.fire("begin_baseline")
+        e.fire("adopt", commit="c0", description="baseline")
+        e.fire("launch", log="runs/0.log", attempt=1, sandbox="off")
+        e.fire("finish", exit_code=0, metric=metric, memory_gb=0.5)
+        e.fire("keep", metric=metric, reason="baseline")
+        d.fire("baseline_done", n=0, commit="c0", metric=metric)
+
+    def run(self, n, *, start=None, launch=None):
+        """Experiment n from start to its run's end (judging); its outcome is fired by the test."""
+        e = self.m.experiment(n)
+        e.fire("start", kind="experiment", proposer="offline", **(start or {}))
+        e.fire("proposed", description=f"change {n}", files={"train.py": f"X = {n}"})
+        e.fire("commit", commit=f"c{n}", parent=(start or {}).get("parent", "c0"))
+        e.fire("launch", log=f"runs/{n}.log", attempt=1, sandbox="off", **(launch or {}))
+        return e
+
+
+def test_the_fold_reads_the_new_fields_and_old_logs_fold_without_them(v1):
+    root, _ = v1
+    old = fold(events(root))  # a version-1 log: none of the fields
+    for exp in old.experiments.values():
+        assert exp.slot is None and exp.device == "" and exp.parents == [] and exp.kind in ("baseline", "experiment")
+    assert old.experiments[3].parent == old.experiments[2].commit  # from `commit`, as before
+
+    r = Recorder()
+    r.baseline(2.0)
+    one = r.run(1, start={"parent": "c0"}, launch={"slot": 1, "device": "NVIDIA H100 80GB HBM3"})
+    one.fire("finish", exit_code=0, metric=1.5)
+    one.fire("keep", metric=1.5, reason="improved")
+    merge = r.m.experiment(2)
+    merge.fire("start", kind="merge", parents=["c1", "c9"], parent="c1")
+    merge.fire("commit", commit="c2", parent="c1")
+    merge.fire("launch", log="runs/2.log", attempt=1, slot=0, device="cpu")
+    merge.fire("finish", exit_code=0, metric=1.2)
+    merge.fire("keep", metric=1.2, reason="merged")
+    st = fold(r.events)
+    assert st == r.live
+    e1, e2 = st.experiments[1], st.experiments[2]
+    assert (e1.slot, e1.device, e1.parent, e1.parents) == (1, "NVIDIA H100 80GB HBM3", "c0", [])
+    assert (e2.kind, e2.parents, e2.parent, e2.slot) == ("merge", ["c1", "c9"], "c1", 0)
+    # A kept merge is the new best, and counts as an experiment.
+    assert (st.best_commit, st.best_metric, st.best_n) == ("c2", 1.2, 2)
+    assert st.counts()["kept"] == 2
+
+
+def test_results_are_in_experiment_order_when_outcomes_arrive_out_of_order():
+    """Three in flight at once; they end 3, 1, 2: results.tsv lists 0, 1, 2, 3, as autoresearch's
+    analysis reads it (row order is experiment order, the baseline first)."""
+    r = Recorder()
+    r.baseline(2.0)
+    runs = {n: r.run(n, launch={"slot": n - 1}) for n in (1, 2, 3)}
+    runs[3].fire("finish", exit_code=0, metric=1.4)
+    runs[3].fire("keep", metric=1.4, reason="improved")
+    runs[1].fire("finish", exit_code=1, metric=None)
+    runs[1].fire("crash", reason="exit code 1")
+    runs[2].fire("finish", exit_code=0, metric=1.9)
+    runs[2].fire("discard", metric=1.9, reason="no improvement")
+    outcomes = [e.experiment for e in r.events if e.dest in ("kept", "discarded", "crashed")]
+    assert outcomes == [0, 3, 1, 2]
+    st = fold(r.events)
+    assert [row[3] for row in results_rows(st)] == ["keep", "crash", "discard", "keep"]
+    rows = list(csv.DictReader(io.StringIO(results_tsv(st)), delimiter="\t"))
+    assert list(rows[0]) == ["commit", "val_bpb", "memory_gb", "status", "description"]
+    assert [r["commit"] for r in rows] == ["c0", "c1", "c2", "c3"]
+    assert rows[0]["description"] == "baseline" and [r["description"] for r in rows[1:]] == \
+        ["change 1", "change 2", "change 3"]
+    # What the reference analysis computes from it: the baseline is row 0, kept rows improve on it.
+    kept = [float(r["val_bpb"]) for r in rows if r["status"].upper() == "KEEP"]
+    assert kept == [2.0, 1.4]
