@@ -89,6 +89,8 @@ def env(cwd: Path | str, base: Mapping[str, str] | None = None) -> dict[str, str
     return out
 
 
-def run(args: list[str], cwd: Path | str, **kwargs) -> subprocess.CompletedProcess:
-    """``git <args>`` in ``cwd`` with the safe environment (kwargs go to subprocess.run)."""
-    return subprocess.run(["git", *args], cwd=cwd, env={**os.environ, **env(cwd)}, **kwargs)
+def run(args: list[str], cwd: Path | str, *, extra_env: Mapping[str, str] | None = None,
+        **kwargs) -> subprocess.CompletedProcess:
+    """``git <args>`` in ``cwd`` with the safe environment (kwargs go to subprocess.run).
+    ``extra_env``: more variables for this call (e.g. GIT_INDEX_FILE); the safe ones win."""
+    return subprocess.run(["git", *args], cwd=cwd, env={**os.environ, **(extra_env or {}), **env(cwd)}, **kwargs)

@@ -5,7 +5,10 @@ experiment's commit stays reachable as ``refs/autoresearch/exp/<N>``.
 Refs are read and written through GitPython's pure-Python ref code (no
 subprocess); worktree operations (commit/status/reset/clean/diff) use
 ``repo.git``, one git subprocess each, which keeps an experiment's git
-overhead to a few tens of milliseconds.
+overhead to a few tens of milliseconds. With several experiments in flight,
+commits are made with git's plumbing in a temporary index (``commit_files``,
+``merge_files``, ``move_branch``): no worktree is involved, so the human's
+worktree stays at the best while runs happen in the slots' checkouts.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Iterable, Mapping
+from typing import Iterable, Mapping, Sequence
 
 import git
 from git import Reference, Repo
@@ -473,6 +476,105 @@ class Workspace:
         # files are tracked: open() checks they are committed).
         self._git.commit("-q", "--no-verify", "--allow-empty", "-m", message, "--", *self.editable)
         return self.head()
+
+    def commit_files(self, files: Mapping[str, str], parent: str, message: str,
+                     parents: Sequence[str] = ()) -> str:
+        """A commit whose tree is ``parent``'s with ``files`` (editable paths -> exact text)
+        replaced, made with git's plumbing in a temporary index: HEAD, the branch, the index and
+        every worktree stay as they are, so experiments are committed while others run and the
+        human's worktree stays at the best. ``parents``: more parents after ``parent`` (a merge).
+        Returns the new commit's sha; nothing points at it until the caller sets a ref.
+        """
+        bad = sorted(p for p in files if p not in self.editable)
+        if bad:
+            raise ValueError(f"not editable: {', '.join(bad)}")
+        tree = self._commit(parent).tree
+        index_dir = Path(tempfile.mkdtemp(dir=self.state_dir, prefix="index-"))  # removed below
+        plumb = {"GIT_INDEX_FILE": str(index_dir / "index")}
+        try:
+            self._plumbing(["read-tree", parent], plumb)
+            entries = []
+            for rel, text in sorted(files.items()):
+                # --no-filters: the exact bytes (no CRLF conversion, no configured clean filter).
+                blob = self._plumbing(["hash-object", "-w", "--no-filters", "--stdin"], plumb,
+                                      text.encode("utf-8"))
+                try:
+                    mode = (tree / rel).mode
+                except KeyError:
+                    mode = 0
+                mode = mode if mode in (0o100644, 0o100755) else 0o100644  # keep an executable bit
+                entries.append(f"{mode:o} {blob}\t{rel}\n")
+            if entries:
+                self._plumbing(["update-index", "--index-info"], plumb, "".join(entries).encode("utf-8"))
+            new_tree = self._plumbing(["write-tree"], plumb)
+            args = ["commit-tree", new_tree, "-p", parent]
+            for other in parents:
+                args += ["-p", other]
+            return self._plumbing(args + ["-m", message], plumb)
+        finally:
+            shutil.rmtree(index_dir, ignore_errors=True)
+
+    def merge_files(self, base: str, ours: str, theirs: str, paths: Iterable[str]) -> dict[str, str] | None:
+        """Three-way merge of ``paths``' text from commits ``base``, ``ours`` and ``theirs``:
+        {path: merged text}, or None on any conflict (edits that overlap, a file deleted on
+        one side and changed on the other). Reads git objects only; writes nothing."""
+        paths = list(paths)
+        b, o, t = (self.files_at(self._commit(sha).hexsha, paths) for sha in (base, ours, theirs))
+        merged: dict[str, str] = {}
+        scratch = None
+        try:
+            for rel in paths:
+                mb, mo, mt = b.get(rel), o.get(rel), t.get(rel)
+                if mo == mt or mt == mb:
+                    result = mo  # both sides agree, or theirs did not change it
+                elif mo == mb:
+                    result = mt  # only theirs changed it
+                elif None in (mb, mo, mt):
+                    return None  # added on both sides differently, or deleted on one, changed on the other
+                else:
+                    if scratch is None:
+                        scratch = Path(tempfile.mkdtemp(dir=self.state_dir, prefix="merge-"))
+                    names = []
+                    for label, text in (("ours", mo), ("base", mb), ("theirs", mt)):
+                        (scratch / label).write_bytes(text.encode("utf-8"))
+                        names.append(str(scratch / label))
+                    out = gitsafe.run(["merge-file", "-p", "-q", *names], self.root, capture_output=True,
+                                      timeout=120)
+                    if out.returncode != 0:  # > 0: that many conflicts; < 0: git failed
+                        return None
+                    result = out.stdout.decode("utf-8")
+                if result is not None:
+                    merged[rel] = result
+            return merged
+        finally:
+            if scratch is not None:
+                shutil.rmtree(scratch, ignore_errors=True)
+
+    def move_branch(self, sha: str) -> None:
+        """Point the workspace's branch at ``sha`` (a ref update, with a reflog entry; not a
+        worktree operation: the human's worktree is reset to it separately)."""
+        branch = self.branch
+        if branch is None:
+            raise WorkspaceError(f"{self.root}: HEAD is detached; no branch to move")
+        self._plumbing(["update-ref", "-m", f"autoresearch: best is {sha[:12]}", f"refs/heads/{branch}",
+                        self._commit(sha).hexsha], {})
+
+    def _commit(self, sha: str):
+        """The commit ``sha`` names, read (GitPython reads objects lazily: a missing one fails here)."""
+        try:
+            commit = self.repo.commit(sha)
+            commit.tree
+            return commit
+        except (ValueError, git.ODBError):
+            raise WorkspaceError(f"{sha!r} is not a commit of {self.root}") from None
+
+    def _plumbing(self, args: list[str], extra_env: Mapping[str, str], stdin: bytes | None = None) -> str:
+        """One git plumbing command in the workspace (safe environment): its stripped stdout."""
+        out = gitsafe.run(args, self.root, extra_env=extra_env, input=stdin, capture_output=True, timeout=120)
+        if out.returncode != 0:
+            detail = out.stderr.decode("utf-8", "replace").strip().replace("\n", " ")
+            raise WorkspaceError(f"git {args[0]} failed (exit {out.returncode}): {detail}"[:500])
+        return out.stdout.decode("utf-8").strip()
 
     @_git_errors
     def checkout_branch(self, branch: str) -> None:
