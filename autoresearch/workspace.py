@@ -45,6 +45,10 @@ BRANCH_PREFIX = "autoresearch/"
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
 
+# Scratch directories in the state dir (commit_files' temporary index, merge_files' files):
+# removed after each use, and at boot when a kill left one (clear_stale_locks).
+_SCRATCH = ("index-", "merge-")
+
 _TAG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -489,7 +493,7 @@ class Workspace:
         if bad:
             raise ValueError(f"not editable: {', '.join(bad)}")
         tree = self._commit(parent).tree
-        index_dir = Path(tempfile.mkdtemp(dir=self.state_dir, prefix="index-"))  # removed below
+        index_dir = Path(tempfile.mkdtemp(dir=self.state_dir, prefix=_SCRATCH[0]))  # removed below
         plumb = {"GIT_INDEX_FILE": str(index_dir / "index")}
         try:
             self._plumbing(["read-tree", parent], plumb)
@@ -533,7 +537,7 @@ class Workspace:
                     return None  # added on both sides differently, or deleted on one, changed on the other
                 else:
                     if scratch is None:
-                        scratch = Path(tempfile.mkdtemp(dir=self.state_dir, prefix="merge-"))
+                        scratch = Path(tempfile.mkdtemp(dir=self.state_dir, prefix=_SCRATCH[1]))
                     names = []
                     for label, text in (("ours", mo), ("base", mb), ("theirs", mt)):
                         (scratch / label).write_bytes(text.encode("utf-8"))
@@ -652,16 +656,22 @@ class Workspace:
 
         Covers every lock git takes: ``index.lock``, ``next-index-*.lock`` (a pathspec
         commit's temporary index), ``HEAD.lock`` and friends, ref and reflog locks, and a
-        linked worktree's. Only call while holding the workspace lock: then no live git
-        process of ours can own them.
+        linked worktree's; and the scratch directories (a temporary index, a merge's files)
+        of a ``commit_files`` or ``merge_files`` that was killed. Only call while holding the
+        workspace lock: then no live git process of ours can own them.
         """
+        removed = []
+        for prefix in _SCRATCH:
+            for path in sorted(self.state_dir.glob(prefix + "*")):
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path, ignore_errors=True)
+                    removed.append(str(path))
         gitdir = Path(self.repo.git_dir)
         common = Path(self.repo.common_dir)
         candidates = set(gitdir.glob("*.lock")) | set(common.glob("*.lock"))
         for sub in ("refs", "logs", "worktrees"):
             if (common / sub).is_dir():
                 candidates.update((common / sub).rglob("*.lock"))
-        removed = []
         for path in sorted(candidates):
             try:
                 path.unlink()

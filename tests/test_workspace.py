@@ -491,3 +491,16 @@ def test_merge_files_of_an_unknown_commit_is_one_line(three):
     w, base = three
     with pytest.raises(WorkspaceError, match="not a commit"):
         w.merge_files(base, "e" * 40, base, ["train.py"])
+
+
+def test_a_killed_commit_files_leaves_nothing_that_blocks_and_boot_clears_it(ws):
+    """A kill -9 inside commit_files leaves its temporary index (and git's lock on it) in the
+    state dir: the next commit does not trip on it, and the boot's clear_stale_locks removes it."""
+    left = ws.state_dir / "index-killed"
+    left.mkdir()
+    (left / "index").write_bytes(b"DIRC partial")
+    (left / "index.lock").write_bytes(b"")
+    sha = ws.commit_files({"train.py": "LR = 9\n"}, ws.head(), "after the kill")
+    assert ws.files_at(sha) == {"train.py": "LR = 9\n"}
+    assert ws.clear_stale_locks() == [str(left)]
+    assert not left.exists() and [p.name for p in ws.state_dir.iterdir() if p.name.startswith("index-")] == []
