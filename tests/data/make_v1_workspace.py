@@ -6,7 +6,10 @@ every later version still reads, verifies and resumes it. Re-running this script
 makes a different fixture (that is not the point of it); it is kept to say exactly how the file
 was made:
 
-  python tests/data/make_v1_workspace.py  # from the repository root, writes the tarball
+  python tests/data/make_v1_workspace.py --force  # from the repository root; replaces the tarball
+
+(without --force it refuses to replace the committed fixture: a fixture made by newer code
+would no longer test what older versions wrote).
 
 What it does, with the real daemon (`autoresearch run`, a subprocess) on the fixture workload
 (tests/daemon_fixtures.make_workspace; the offline proposer, seed 0, sandbox off):
@@ -90,5 +93,7 @@ def main() -> int:
 
 
 if __name__ == "__main__":
+    if OUT.exists() and sys.argv[1:] != ["--force"]:
+        sys.exit(f"{OUT} exists: it is history (made by the code before slots); --force replaces it")
     os.environ.pop("AUTORESEARCH_CRASH_AT", None)
     sys.exit(main())
