@@ -853,13 +853,16 @@ class Run:
 
 
 def kill_tagged(tag: str) -> list[int]:
-    """SIGKILL every process group whose members carry our run tag in their environment.
+    """SIGKILL every process group whose members carry run tag ``tag`` or ``tag.<anything>``.
 
-    Runs are started with AUTORESEARCH_RUN_TAG=<tag> and children inherit it, so
-    after a crash this finds a run (and whatever it forked) even when the daemon
-    died before it could learn the run's process group.
+    Runs are started with AUTORESEARCH_RUN_TAG=<workspace tag>.<n> and children inherit
+    it, so after a crash this finds a run (and whatever it forked) even when the daemon
+    died before it could learn the run's process group: the workspace's tag finds every
+    run of the workspace, "<workspace tag>.<n>" one experiment's.
     """
-    needle = f"AUTORESEARCH_RUN_TAG={tag}\0".encode()
+    if not tag:
+        raise ValueError("kill_tagged needs a tag (an empty one would match every tagged run)")
+    var = f"\0AUTORESEARCH_RUN_TAG={tag}".encode()
     own = os.getpgrp()
     groups = set()
     for entry in os.listdir("/proc") if os.path.isdir("/proc") else ():
@@ -867,8 +870,9 @@ def kill_tagged(tag: str) -> list[int]:
             continue
         try:
             with open(f"/proc/{entry}/environ", "rb") as f:
-                if needle in f.read() + b"\0":
-                    groups.add(os.getpgid(int(entry)))
+                environ = b"\0" + f.read() + b"\0"  # each variable between NULs: whole names only
+            if var + b"\0" in environ or var + b"." in environ:
+                groups.add(os.getpgid(int(entry)))
         except (OSError, ProcessLookupError):
             continue
     killed = []

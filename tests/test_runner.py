@@ -21,7 +21,7 @@ from autoresearch import runner
 
 REPO = Path(__file__).resolve().parents[1]
 from autoresearch.config import SandboxConfig
-from autoresearch.runner import Run, kill_stale_group, parse_metric, scrubbed_env
+from autoresearch.runner import Run, kill_stale_group, kill_tagged, parse_metric, scrubbed_env
 
 # Non-finite alternatives first: `[0-9.eE+-]+` alone would match just the "-" of "-inf".
 METRIC = r"^val_bpb:\s*([-+]?(?:nan|inf)|[0-9.eE+-]+)"
@@ -302,6 +302,44 @@ def test_kill_stale_group_orphans_after_leader_died():
         assert not alive(child)
     finally:
         _cleanup(child)
+
+
+def _tagged_group(tag: str) -> tuple[subprocess.Popen, int]:
+    """A process group of two (a leader and its child) carrying run tag ``tag``, as a run leaves it."""
+    code = "import os, sys, time\nif os.fork() == 0:\n    time.sleep(300)\nprint(os.getpid(), flush=True)\n" \
+           "time.sleep(300)"
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, start_new_session=True,
+                         env={**os.environ, "AUTORESEARCH_RUN_TAG": tag})
+    p.stdout.readline()  # the child exists once the leader has printed
+    return p, p.pid
+
+
+@linux_only
+def test_kill_tagged_takes_one_run_or_the_whole_workspace():
+    ws = f"t{os.getpid()}"
+    groups = {tag: _tagged_group(tag) for tag in (f"{ws}.3", f"{ws}.4", f"{ws}.31", f"{ws}9")}
+    members = {tag: runner.group_members(pgid) for tag, (_, pgid) in groups.items()}
+    try:
+        assert all(len(m) == 2 for m in members.values()), members
+        assert kill_tagged(f"{ws}.3") == [groups[f"{ws}.3"][1]]  # one experiment's run, nothing else
+        groups[f"{ws}.3"][0].wait(5)
+        assert not any(alive(pid) for pid in members[f"{ws}.3"])
+        assert all(alive(pid) for tag in (f"{ws}.4", f"{ws}.31", f"{ws}9") for pid in members[tag])
+        assert sorted(kill_tagged(ws)) == sorted([groups[f"{ws}.4"][1], groups[f"{ws}.31"][1]])  # the rest
+        for tag in (f"{ws}.4", f"{ws}.31"):
+            groups[tag][0].wait(5)
+        assert not any(alive(pid) for tag in (f"{ws}.4", f"{ws}.31") for pid in members[tag])
+        assert all(alive(pid) for pid in members[f"{ws}9"])  # another workspace's tag merely starts alike
+    finally:
+        for p, pgid in groups.values():
+            try:
+                os.killpg(pgid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            p.wait()
+            p.stdout.close()
+    with pytest.raises(ValueError):
+        kill_tagged("")
 
 
 # ------------------------------------------------------------------ sandbox
