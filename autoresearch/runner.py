@@ -858,7 +858,8 @@ def kill_tagged(tag: str) -> list[int]:
     Runs are started with AUTORESEARCH_RUN_TAG=<workspace tag>.<n> and children inherit
     it, so after a crash this finds a run (and whatever it forked) even when the daemon
     died before it could learn the run's process group: the workspace's tag finds every
-    run of the workspace, "<workspace tag>.<n>" one experiment's.
+    run of the workspace, "<workspace tag>.<n>" one experiment's. Waits (up to 5 s in all)
+    until those groups are gone.
     """
     if not tag:
         raise ValueError("kill_tagged needs a tag (an empty one would match every tagged run)")
@@ -882,4 +883,7 @@ def kill_tagged(tag: str) -> list[int]:
             killed.append(pgid)
         except (ProcessLookupError, PermissionError):
             pass
+    end = time.monotonic() + 5.0  # gone before a re-run may start in the same checkout
+    for pgid in killed:
+        _wait_group_gone(pgid, max(0.0, end - time.monotonic()))
     return killed
