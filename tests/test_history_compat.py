@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from autoresearch.dashboard.source import LogReader
 from autoresearch.eventlog import SCHEMA_VERSION, Event, EventLog
 from autoresearch.machine import Machines
 from autoresearch.report import results_rows, results_tsv
@@ -115,8 +116,25 @@ def test_status_and_results_show_the_recorded_experiments(v1):
     assert out.returncode == 0, out.stderr
     assert "discard" in out.stdout
 
+    out = cli("show", str(root), "3")
+    assert out.returncode == 0, out.stderr
+    assert "discarded" in out.stdout and "-LEARNING_RATE = 0.108" in out.stdout and "+LEARNING_RATE = 0.143" in out.stdout
+
+    out = cli("plot", str(root), "-o", str(root.parent / "progress.png"))
+    assert out.returncode == 0, out.stderr
+    assert (root.parent / "progress.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
     folded = fold(events(root))
     assert {n: (e.state, e.metric) for n, e in folded.experiments.items()} == RECORDED
+    reader = LogReader(root / ".autoresearch")  # the dashboard's view of it
+    try:
+        assert len(reader.poll()[0]) == meta["events"]
+        seen = reader.state  # (kept flat: without the proposals' files and the log tails)
+        assert {n: (e.state, e.metric, e.commit) for n, e in seen.experiments.items()} == \
+            {n: (e.state, e.metric, e.commit) for n, e in folded.experiments.items()}
+        assert (seen.best_commit, seen.best_metric, seen.seq) == (folded.best_commit, folded.best_metric, folded.seq)
+    finally:
+        reader.close()
     # Readers wrote nothing: the log, its -wal and its schema version (1) are as the old code left them.
     assert log_digest(root) == stored and schema(root) == "1"
 
