@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Hashable, Protocol
+from collections.abc import Hashable
+from typing import Protocol
 
 from . import sandbox
 from .config import SandboxConfig
