@@ -9,7 +9,8 @@ Threads, per run:
   * a watcher enforces the hard deadline and the memory limit, escalates
     SIGTERM -> SIGKILL, and, once the leader has exited, kills whatever is left
     of its process group before reaping it (a zombie leader keeps the pgid
-    reserved, so the group id cannot have been reused by then).
+    reserved, so the group id cannot have been reused by then): the group's part
+    is procgroup.GroupSupervisor, shared with the command proposer.
 ``poll()`` only reads what those threads produced: it never blocks.
 
 Sandbox (``mode = "auto"`` on Linux; ``"off"`` = none of this, but the env is
@@ -60,6 +61,7 @@ from typing import Mapping, Sequence
 
 from . import sandbox, sanitize
 from .config import SandboxConfig
+from .procgroup import GroupSupervisor, killpg
 from .secrets import SECRET_NAME
 
 GRACE_S = 3.0  # SIGTERM -> SIGKILL
@@ -393,14 +395,6 @@ def _group_pss_mb(pids: list[int]) -> float:
     return pss / 2**20
 
 
-def _killpg(pgid: int, sig: int) -> bool:
-    try:
-        os.killpg(pgid, sig)
-        return True
-    except (ProcessLookupError, PermissionError):
-        return False
-
-
 def _wait_group_gone(pgid: int, timeout: float) -> bool:
     end = time.monotonic() + timeout
     while group_members(pgid):
@@ -428,7 +422,7 @@ def kill_stale_group(pgid: int, start_ticks: int | None) -> bool:
     if leader is not None and leader[0] not in ("Z", "X"):
         if start_ticks is None or leader[2] != start_ticks or leader[1] != pgid:
             return False
-        signalled = _killpg(pgid, signal.SIGKILL)
+        signalled = killpg(pgid, signal.SIGKILL)
     else:
         signalled = False
         for pid in group_members(pgid):
@@ -470,8 +464,8 @@ class Run:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._result: RunResult | None = None
-        self._killed: str | None = None
-        self._term_at: float | None = None
+        self._sup: GroupSupervisor | None = None  # deadline, stop requests, escalation (procgroup)
+        self._error: str | None = None  # the watcher's own failure, when it had one
         self._tail = bytearray()
         self._pending = ""
         self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
@@ -565,6 +559,8 @@ class Run:
         self._info_fd = info_r
         self.pid = self.pgid = self._proc.pid
         self.start_time = proc_start_ticks(self.pid)  # /proc start ticks: identifies the leader
+        self._sup = GroupSupervisor(self._proc, deadline=self._t0 + self.deadline_s, grace_s=GRACE_S,
+                                    send=self._signal)
         self._fd = self._proc.stdout.fileno()
         os.set_blocking(self._fd, False)
         threading.Thread(target=self._read, name=f"run-reader-{self.pid}", daemon=True).start()
@@ -595,13 +591,8 @@ class Run:
 
     def kill(self, reason: str) -> None:
         """SIGTERM the group now; the watcher sends SIGKILL after GRACE_S. Never blocks."""
-        with self._lock:
-            if self._leader_done.is_set() or self._killed is not None or self._result is not None:
-                return
-            self._killed = reason
-            self._term_at = time.monotonic()
-        self._signal(signal.SIGTERM)
-        self._wake.set()
+        if self._sup is not None and self._sup.stop(reason):
+            self._wake.set()
 
     def wait(self, timeout: float | None = None) -> RunResult | None:
         """Block until the result is ready (tests and tools; the daemon uses poll)."""
@@ -696,8 +687,7 @@ class Run:
                 self._proc.wait(10)
             except subprocess.TimeoutExpired:
                 pass
-            with self._lock:
-                self._killed = self._killed or f"runner error: {type(exc).__name__}: {exc}"
+            self._error = f"runner error: {type(exc).__name__}: {exc}"
             self._leader_done.set()
             self._reader_done.wait(5)
             self._finalize(time.monotonic() - self._t0)
@@ -742,7 +732,7 @@ class Run:
 
     def _signal(self, sig: int) -> None:
         if self._pidns is None or sig == signal.SIGKILL:
-            _killpg(self.pgid, sig)
+            killpg(self.pgid, sig)
         if self._pidns is None:
             return
         # A polite signal goes to the run's own processes, not to bwrap (which would die of it
@@ -758,50 +748,30 @@ class Run:
             except (ProcessLookupError, PermissionError):
                 pass
 
-    def _members_gone(self, timeout: float) -> None:
-        end = time.monotonic() + timeout
-        while self._members() and time.monotonic() < end:
-            time.sleep(0.01)
-
     def _watch_loop(self) -> None:
-        pid = self.pid
+        sup = self._sup
         next_mem = 0.0
         while True:
-            try:
-                # WNOWAIT: notice the exit but leave the zombie, which keeps the pgid reserved.
-                info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
-            except ChildProcessError:
-                info = True
-            if info is not None:
-                break
             if self._info_fd is not None:
-                self._read_info()
+                self._read_info()  # before any signal: it says where a polite one must go
+            if sup.tick():  # the deadline and the escalation; True once the leader has exited
+                break
             now = time.monotonic()
-            with self._lock:
-                if self._killed is None and now - self._t0 > self.deadline_s:
-                    self._killed, self._term_at = "deadline", now
-                    self._signal(signal.SIGTERM)
-                if self._killed is None and self._max_tasks and self._pidns:
-                    if _task_count(ns_members(self._pidns)) > self._max_tasks:
-                        self._killed, self._term_at = "processes", now
-                        self._signal(signal.SIGKILL)  # a fork bomb gets no grace
-                if self._killed is None and self._memory_limit_mb and now >= next_mem:
-                    next_mem = now + MEMORY_CHECK_INTERVAL_S
-                    if self._over_memory():
-                        self._killed, self._term_at = "memory", now
-                        self._signal(signal.SIGKILL)  # no grace: the machine is at risk
-                if self._term_at is not None and now - self._term_at > GRACE_S:
-                    self._signal(signal.SIGKILL)
+            if sup.reason is None and self._max_tasks and self._pidns:
+                if _task_count(ns_members(self._pidns)) > self._max_tasks:
+                    sup.stop("processes", signal.SIGKILL)  # a fork bomb gets no grace
+            if sup.reason is None and self._memory_limit_mb and now >= next_mem:
+                next_mem = now + MEMORY_CHECK_INTERVAL_S
+                if self._over_memory():
+                    sup.stop("memory", signal.SIGKILL)  # no grace: the machine is at risk
             # After EOF the leader is normally exiting: look again soon, not at the next tick.
             self._wake.wait(0.002 if self._reader_done.is_set() else WATCH_INTERVAL_S)
             self._wake.clear()
         duration = time.monotonic() - self._t0
         if self._info_fd is not None:
             self._read_info(block=True)
-        # The leader is gone: children that outlived it must not survive.
-        self._signal(signal.SIGKILL)
-        self._members_gone(2.0)
-        self._proc.wait()  # reap; frees the pgid
+        # The leader is gone: children that outlived it must not survive (then it is reaped).
+        sup.finish(self._members)
         self._leader_done.set()
         self._reader_done.wait()
         self._finalize(duration)
@@ -821,7 +791,7 @@ class Run:
             exit_code, sig = None, rc - 128
         else:
             exit_code, sig = (rc, None) if rc >= 0 else (None, -rc)
-        killed = self._killed
+        killed = self._sup.reason or self._error
         try:
             how = f"exit code {exit_code}" if sig is None else f"signal {signal.Signals(sig).name}"
         except ValueError:
@@ -878,11 +848,8 @@ def kill_tagged(tag: str) -> list[int]:
             continue
     killed = []
     for pgid in groups - {own}:
-        try:
-            os.killpg(pgid, signal.SIGKILL)
+        if killpg(pgid, signal.SIGKILL):
             killed.append(pgid)
-        except (ProcessLookupError, PermissionError):
-            pass
     end = time.monotonic() + 5.0  # gone before a re-run may start in the same checkout
     for pgid in killed:
         _wait_group_gone(pgid, max(0.0, end - time.monotonic()))

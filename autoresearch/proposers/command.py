@@ -5,10 +5,11 @@ its stdin and edits the worktree itself, so the Proposal has ``files=None``:
 the daemon then judges the worktree diff exactly like any other proposal,
 scope guard included. This module never decides what is in scope.
 
-Process hygiene: the agent gets its own process group (start_new_session);
-on the deadline or ``ctx.cancel`` the whole group is killed (SIGTERM, then
-SIGKILL after a grace period), and after a normal exit any process the agent
-left behind in its group is killed too, so nothing outlives the proposal.
+Process hygiene (procgroup.GroupSupervisor, as for a training run): the agent
+gets its own process group (start_new_session); on the deadline or ``ctx.cancel``
+the whole group is killed (SIGTERM, then SIGKILL after a grace period), and after
+a normal exit any process the agent left behind in its group is killed too, so
+nothing outlives the proposal.
 A process that leaves the group on purpose (setsid, double fork into a new
 session) is beyond reach; run the daemon under systemd (KillMode=control-group)
 for that.
@@ -35,7 +36,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import signal
 import subprocess
 import threading
 import time
@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import gitsafe, secrets
+from ..procgroup import GroupSupervisor
 from .base import NoEdit, Proposal, ProposalContext, ProposerUnavailable
 from ..sanitize import strip_controls
 from ..workspace import STATUS_FLAGS, parse_status
@@ -119,22 +120,6 @@ def _feed(pipe, data: bytes) -> None:
             pipe.close()
         except OSError:
             pass
-
-
-def _exited(pid: int) -> bool:
-    """True once the leader has exited, WITHOUT reaping it: while it is an unreaped
-    zombie its pid (= the group id) cannot be reused, so killpg stays safe."""
-    try:
-        return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
-    except ChildProcessError:
-        return True
-
-
-def _killpg(pgid: int, sig: int) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def _git(workspace: Path, *args: str) -> str | None:
@@ -233,22 +218,16 @@ class CommandProposer:
         for t in threads:
             t.start()
 
-        killed = None
-        while not _exited(proc.pid):
-            if ctx.cancel.wait(0.05):
-                killed = "cancel"
-            elif time.monotonic() >= deadline:
-                killed = "deadline"
-            if killed:
-                _killpg(proc.pid, signal.SIGTERM)
-                grace_end = time.monotonic() + self.kill_grace
-                while not _exited(proc.pid) and time.monotonic() < grace_end:
-                    time.sleep(0.02)
-                break
-        # Whatever is left in the group (the leader if it ignored SIGTERM, or children it
-        # left behind after a normal exit) dies now, before the leader is reaped.
-        _killpg(proc.pid, signal.SIGKILL)
-        code = proc.wait()
+        group = GroupSupervisor(proc, deadline=deadline, grace_s=self.kill_grace)
+        while not group.tick():
+            if group.reason is not None:
+                time.sleep(0.02)  # stopping: SIGKILL follows after the grace
+            elif ctx.cancel.wait(0.05):
+                group.stop("cancel")
+        # Whatever is left in the group (children the agent left behind after a normal exit)
+        # dies now, before the leader is reaped.
+        code = group.finish()
+        killed = group.reason
         for t in threads:
             t.join(timeout=5)
         seconds = time.monotonic() - started
