@@ -7,15 +7,17 @@ here blocks: ``submit`` starts the run and returns, ``poll`` and ``cancel`` only
 
 ``LocalExecutor`` runs each spec as a ``runner.Run`` on this machine, at most ``slots`` at once.
 A run stays counted (in ``capacity`` and ``running``) until ``poll`` has handed out its result,
-so the coordinator's picture changes only through its own calls. One caller (the coordinator's
+so the coordinator's picture changes only through its own calls. Its ``wake`` Event, when given,
+is set as soon as any run ends: the coordinator waits on it rather than polling on a timer. One caller (the coordinator's
 thread) drives an executor: it is not meant to be shared between threads.
 """
 
 from __future__ import annotations
 
+import threading
 import time
-from dataclasses import dataclass
 from collections.abc import Hashable
+from dataclasses import dataclass
 from typing import Protocol
 
 from . import sandbox
@@ -91,10 +93,11 @@ class Executor(Protocol):
 class LocalExecutor:
     """Runs on this machine, each a ``runner.Run``: at most ``slots`` at once."""
 
-    def __init__(self, slots: int) -> None:
+    def __init__(self, slots: int, wake: threading.Event | None = None) -> None:
         if slots < 1:
             raise ValueError(f"slots must be at least 1, not {slots}")
         self.slots = slots
+        self._wake = wake  # set whenever a run ends, so that its owner polls at once
         self._runs: dict[Hashable, tuple[Run, RunInfo]] = {}
         self._closed = False
 
@@ -114,6 +117,10 @@ class LocalExecutor:
                         spec.sandbox, spec.layout, spec.metric_regex, spec.memory_regex,
                         env=spec.run_env())
         self._runs[key] = (run, RunInfo(started, spec.log_path, spec.gpu, run.pid, spec.tag))
+        if self._wake is not None:
+            run.on_end = self._wake.set
+            if run.poll() is not None:  # ended before the hook was in place (or never started)
+                self._wake.set()
 
     def poll(self) -> list[tuple[Hashable, RunResult]]:
         done = [(key, run.poll()) for key, (run, _) in self._runs.items() if run.poll() is not None]

@@ -57,7 +57,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 from . import sandbox, sanitize
 from .config import SandboxConfig
@@ -478,6 +478,9 @@ class Run:
         self._reader_done = threading.Event()
         self._wake = threading.Event()  # EOF or kill(): the watcher looks now, not at its next tick
         self._done = threading.Event()
+        # Called (from the watcher thread) once the result is ready: the owner's wake-up. Set it
+        # after start() and then look at poll(): a run that never started is over already.
+        self.on_end: Callable[[], None] | None = None
         self._bwrap = False
         self._info_fd: int | None = None
         self._info = b""
@@ -820,6 +823,12 @@ class Run:
         with self._lock:
             self._result = result
         self._done.set()
+        on_end = self.on_end
+        if on_end is not None:
+            try:
+                on_end()
+            except Exception:  # the owner's hook must not leave the run unfinished
+                pass
 
 
 def kill_tagged(tag: str) -> list[int]:

@@ -6,6 +6,7 @@ import os
 import pickle
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -200,6 +201,22 @@ def test_shutdown_ends_every_run_and_refuses_more(tmp_path):
     assert ex.capacity() == 0 and ex.running() == {}
     with pytest.raises(RuntimeError, match="after shutdown"):
         ex.submit(3, spec(tmp_path, "late", REPORT, "0"))
+
+
+def test_wake_is_set_when_a_run_ends(tmp_path):
+    wake = threading.Event()
+    ex = LocalExecutor(2, wake=wake)
+    ex.submit(1, spec(tmp_path, "short", REPORT, "0.5"))
+    assert not wake.wait(0.2)  # running: nothing to look at yet
+    assert wake.wait(30)
+    woken = time.time()
+    [(key, res)] = ex.poll()  # set means a result is there
+    assert key == 1 and res.ok
+    # Set by the runner's watcher as the result is ready: soon after the run's last line.
+    assert woken - line(res, "span")[1] < 0.5, woken - line(res, "span")[1]
+    wake.clear()
+    ex.submit(2, RunSpec(**{**spec(tmp_path, "bad", REPORT).__dict__, "argv": ("no-such-command-xyz",)}))
+    assert wake.is_set()  # a run that never started is over at once: its owner is told too
 
 
 def test_a_spec_crosses_a_process_boundary(tmp_path):
