@@ -15,6 +15,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from typing import Any
 from datetime import datetime
 from pathlib import Path
 
@@ -294,36 +295,47 @@ def cmd_status(args) -> int:
     root = _workspace_dir(args.dir)
     state = _read_state(root)
     pid = lock_holder(root / ".autoresearch")
-    cur = state.current()
-    elapsed = budget = shown = None
-    if pid is not None and cur is not None and cur.state == "training" and cur.launched:
-        # The run in flight: its clock from the launch event, its progress from its own output.
+    live = state.in_flight()
+    runs: dict[int, tuple[float, str]] = {}
+    shown_of: dict[int, Any] = {}
+    budget = None
+    if pid is not None and any(e.state == "training" and e.launched for e in live):
+        # Each run in flight: its clock from its launch event, its progress from its own output.
         from . import config as config_mod, progress
 
-        elapsed = max(0.0, time.time() - parse_utc(cur.launched))
         try:
             budget = config_mod.load(root).run.budget_seconds
         except UserError:
             budget = None  # a config being edited: the elapsed time alone still helps
-        shown = progress.read(root / cur.log)
+        for e in live:
+            if e.state == "training" and e.launched:
+                elapsed = max(0.0, time.time() - parse_utc(e.launched))
+                shown_of[e.n] = progress.read(root / e.log)
+                runs[e.n] = (elapsed, str(shown_of[e.n]) if shown_of[e.n] else "")
+
+    def as_json(e):
+        shown = shown_of.get(e.n)
+        return {"n": e.n, "state": e.state, "description": e.description, "kind": e.kind,
+                "failed_runs": e.failed_runs, "slot": e.slot if e.state in ("training", "evaluating") else None,
+                "device": e.device or None if e.state in ("training", "evaluating") else None,
+                "run": None if e.n not in runs else {
+                    "elapsed_s": round(runs[e.n][0], 1), "budget_s": budget,
+                    "step": shown.step if shown else None, "loss": shown.loss if shown else None}}
+
     requests = pending_requests(root / ".autoresearch")
     if args.json:
         print(json.dumps({
             "daemon": state.daemon, "running": pid is not None, "pid": pid, "reason": state.reason,
             "retry_at": state.retry_at, "daemon_error": state.daemon_error,
-            "current": None if cur is None else {
-                "n": cur.n, "state": cur.state, "description": cur.description, "kind": cur.kind,
-                "failed_runs": cur.failed_runs,
-                "run": None if elapsed is None else {
-                    "elapsed_s": round(elapsed, 1), "budget_s": budget,
-                    "step": shown.step if shown else None, "loss": shown.loss if shown else None}},
+            "current": as_json(live[0]) if live else None,  # the oldest in flight
+            "in_flight": [as_json(e) for e in live],
             "best_metric": state.best_metric, "best_commit": state.best_commit, "counts": state.counts(),
             "cost_usd": state.cost_usd, "cost_unknown": state.cost_unknown, "usage": state.usage,
             "model": state.model or None, "events": state.seq,
             "sandbox": None if last_sandbox(state) is None else last_sandbox(state).sandbox,
             "requests": requests}, indent=2))
         return 0
-    text = status_text(state, str(root), pid, elapsed, budget, str(shown) if shown else "", requests)
+    text = status_text(state, str(root), pid, runs, budget, requests)
     if pid is None and state.daemon not in ("stopped", "exhausted"):
         text += "\nnote:       no daemon is running (it died or was killed); `autoresearch run` resumes"
     print(text)
@@ -544,8 +556,12 @@ def cmd_request(args) -> int:
                   "it takes effect when the daemon starts")
             return 0
         raise BusyError(f"{args.dir}: no daemon is running on this workspace")
-    target = _in_flight(state_dir / "events.sqlite") if args.command == "skip" else None  # what the person sees
-    rid = submit_request(state_dir, args.command, experiment=target)
+    target = seen = None
+    if args.command == "skip":
+        target = args.experiment
+        if target is None:  # every experiment in flight, as the person sees them now
+            seen = _in_flight(state_dir / "events.sqlite")
+    rid = submit_request(state_dir, args.command, experiment=target, seen=seen)
     row, gone = _await_answer(state_dir, rid, args.timeout)
     if row is None:
         # Say where the request really is: withdrawn, still in the inbox, or taken but unanswered.
@@ -598,22 +614,20 @@ def _await_answer(state_dir: Path, rid: str, timeout: float):
     return row, gone
 
 
-def _in_flight(path: Path) -> int | None:
-    """The experiment in flight per the log: the last experiment event's, unless it ended there
-    (one experiment is live at a time). Cheaper than folding a long log; None if unreadable."""
+def _in_flight(path: Path) -> list[int] | None:
+    """The experiments in flight per the log (without an outcome yet); None if unreadable (the
+    daemon then skips whatever is in flight when it reads the request)."""
     from .eventlog import EventLog
-    from .state import TERMINAL
 
     try:
         log = EventLog.open_reader(path)
         try:
-            row = log.db.execute("SELECT aggregate, dest FROM events WHERE aggregate LIKE 'experiment:%' "
-                                 "ORDER BY seq DESC LIMIT 1").fetchone()
+            state = log.state()
         finally:
             log.close()
     except (UserError, sqlite3.DatabaseError):
-        return None  # the daemon then skips whatever is in flight when it reads the request
-    return None if row is None or row[1] in TERMINAL else int(row[0].split(":", 1)[1])
+        return None
+    return [e.n for e in state.in_flight()]
 
 
 def _find_answer(path: Path, rid: str):
@@ -762,12 +776,16 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("dir", nargs="?", default=".")
     sp.add_argument("-o", "--output", default="progress.png")
 
-    for name, help in (("pause", "let the current run finish, then wait"),
+    for name, help in (("pause", "let every run in flight finish, then wait (nothing new starts)"),
                        ("resume", "continue after a pause"),
-                       ("stop", "stop the daemon gracefully (the experiment in flight is re-run on resume)"),
-                       ("skip", "abort the current experiment as discarded")):
-        sp = add(name, cmd_request, help, f"autoresearch {name} lab")
+                       ("stop", "stop the daemon gracefully (experiments in flight are re-run on resume)"),
+                       ("skip", "abort experiment N as discarded; without N, every experiment in flight")):
+        example = "autoresearch skip lab 12" if name == "skip" else f"autoresearch {name} lab"
+        sp = add(name, cmd_request, help, example)
         sp.add_argument("dir", nargs="?", default=".")
+        if name == "skip":
+            sp.add_argument("experiment", nargs="?", type=int, metavar="N",
+                            help="the experiment to skip (default: all in flight)")
         sp.add_argument("--timeout", type=float, default=15.0, help="seconds to wait for the daemon")
 
     sp = add("tail", cmd_tail, "show or follow the daemon's structured log", "autoresearch tail -f lab")

@@ -96,11 +96,13 @@ def request_path(state_dir: Path, rid: str) -> Path:
     return Path(state_dir) / INBOX_NAME / f"{rid}.json"
 
 
-def submit_request(state_dir: Path, action: str, *, experiment: int | None = None) -> str:
+def submit_request(state_dir: Path, action: str, *, experiment: int | None = None,
+                   seen: list[int] | None = None) -> str:
     """Write a request into the inbox atomically (tmp + rename); returns its id.
 
-    `experiment`: the experiment a skip is meant for (the one in flight when it was asked);
-    the daemon answers "already ended" rather than skip the next one.
+    `experiment`: the one experiment a skip is meant for (`skip lab 12`); the daemon answers
+    "already ended" rather than skip another. `seen`: for a bare skip, the experiments in flight
+    when it was asked: those are skipped, never one started after.
     """
     inbox = Path(state_dir) / INBOX_NAME
     inbox.mkdir(parents=True, exist_ok=True)
@@ -109,6 +111,8 @@ def submit_request(state_dir: Path, action: str, *, experiment: int | None = Non
     request = {"id": rid, "action": action, "time": utc_iso(precision="microseconds")}
     if experiment is not None:
         request["experiment"] = experiment
+    if seen is not None:
+        request["seen"] = list(seen)
     tmp = inbox / f".{rid}.tmp"
     tmp.write_text(json.dumps(request))
     os.replace(tmp, request_path(state_dir, rid))

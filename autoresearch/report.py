@@ -7,9 +7,9 @@ projection of the log (the crash tests compare the two).
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from typing import Iterable, Mapping
 
-from .state import Experiment, State
+from .state import RUNNING, Experiment, State
 
 
 def fmt_metric(value: float | None) -> str:
@@ -47,43 +47,76 @@ def fmt_duration(seconds: float) -> str:
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
-def status_line(state: State, run_elapsed: float | None = None, budget: float | None = None,
-                progress: str = "") -> str:
+def _exp_word(exp: Experiment) -> str:
+    """`exp 42 training`, or the baseline's own words (and its failed runs)."""
+    text = f"exp {exp.n} {exp.state}"
+    if exp.kind == "baseline":
+        text = f"baseline (exp {exp.n}) {exp.state}"
+        if exp.failed_runs:
+            waiting = "to run again" if exp.state == "interrupted" else exp.state  # (after `fail`)
+            text = (f"baseline (exp {exp.n}) {waiting} after {exp.failed_runs} failed "
+                    f"run{'s' if exp.failed_runs > 1 else ''}")
+    return text
+
+
+def _run_clock(exp: Experiment, runs: Mapping[int, tuple[float, str]], budget: float | None) -> str:
+    """` 3:12/5:00 step 410 · loss 3.2100` for a training run we know the clock of, else ''."""
+    if exp.state != "training" or exp.n not in runs:
+        return ""
+    elapsed, shown = runs[exp.n]
+    text = f" {fmt_duration(elapsed)}" + (f"/{fmt_duration(budget)}" if budget else "")
+    return text + (f" {shown}" if shown else "")
+
+
+def status_line(state: State, runs: Mapping[int, tuple[float, str]] | None = None,
+                budget: float | None = None) -> str:
     """One line for sd_notify STATUS= and `autoresearch status`.
 
-    e.g. `exp 42 training 3:12/5:00 step 410 · loss 3.2100 · best 0.981200 · 9 kept / 41`
-    (`progress`: what the run's own output says, already cleaned; see progress.py)
+    e.g. `exp 42 training 3:12/5:00 step 410 · loss 3.2100 · best 0.981200 · 9 kept / 41`, or with
+    several in flight `3 in flight: exp 42 training 3:12/5:00, exp 43 training 0:40/5:00, exp 44
+    committed · best ...`. `runs`: experiment -> (seconds since its launch, what its own output
+    says, already cleaned; see progress.py).
     """
+    runs = runs or {}
     parts = []
-    cur = state.current()
-    if state.daemon in ("blocked", "exhausted", "stopped", "paused") or cur is None:
+    live = state.in_flight()
+    if state.daemon in ("blocked", "exhausted", "stopped", "paused") or not live:
         head = state.daemon
         if state.reason:
             head += f" ({state.reason})"
         parts.append(head)
     if state.paused and state.daemon != "paused":
         parts.append("paused: starts paused until `autoresearch resume`")
-    if cur is not None:
-        text = f"exp {cur.n} {cur.state}"
-        if cur.kind == "baseline":
-            text = f"baseline (exp {cur.n}) {cur.state}"
-            if cur.failed_runs:
-                waiting = "to run again" if cur.state == "interrupted" else cur.state  # (after `fail`)
-                text = (f"baseline (exp {cur.n}) {waiting} after {cur.failed_runs} failed "
-                        f"run{'s' if cur.failed_runs > 1 else ''}")
-        if cur.state == "training" and run_elapsed is not None:
-            text += f" {fmt_duration(run_elapsed)}"
-            if budget:
-                text += f"/{fmt_duration(budget)}"
-            if progress:
-                text += f" {progress}"
-        parts.append(text)
+    if len(live) == 1:
+        parts.append(_exp_word(live[0]) + _run_clock(live[0], runs, budget))
+    elif live:
+        short = {n: (elapsed, "") for n, (elapsed, _) in runs.items()}  # progress: one line is short
+        parts.append(f"{len(live)} in flight: " + ", ".join(_exp_word(e) + _run_clock(e, short, budget)
+                                                             for e in live))
     parts.append(f"best {fmt_metric(state.best_metric)}")
     counts = state.counts()
     parts.append(f"{counts['kept']} kept / {sum(counts.values())}")
     if state.cost_usd or state.cost_unknown:
         parts.append(fmt_cost(state.cost_usd, state.cost_unknown, 2))
     return " · ".join(parts)
+
+
+def slot_lines(state: State, runs: Mapping[int, tuple[float, str]], budget: float | None) -> list[str]:
+    """`autoresearch status`: one line per experiment in flight: its slot and device when it
+    holds one (training or evaluating), else that it waits."""
+    out = []
+    for exp in state.in_flight():
+        where = ""
+        if exp.state in RUNNING and exp.slot is not None:
+            dev = exp.device or {}
+            device = dev.get("name") or dev.get("kind") or ""
+            if dev.get("index") is not None:
+                device = f"gpu {dev['index']}" + (f" ({dev['name']})" if dev.get("name") else "")
+            where = f"slot {exp.slot}" + (f", {device}" if device else "") + ": "
+        else:
+            where = "waiting: " if exp.state in ("committed", "interrupted") else ""
+        out.append(f"{where}{_exp_word(exp)}{_run_clock(exp, runs, budget)}: {' '.join((exp.description or '-').split())[:120]}")
+    return out
 
 
 UNTRUSTED = "reported metric differs from trusted evaluation"  # the judge's reason, named everywhere
@@ -196,10 +229,13 @@ def experiment_text(exp: Experiment, diff: str | None = None, tail_chars: int = 
     return "\n".join(lines)
 
 
-def status_text(state: State, workspace: str, daemon_pid: int | None, run_elapsed: float | None = None,
-                budget: float | None = None, progress: str = "", requests: Iterable[dict] = ()) -> str:
-    """`autoresearch status`; `requests`: those still in the inbox (control.pending_requests)."""
-    cur = state.current()
+def status_text(state: State, workspace: str, daemon_pid: int | None,
+                runs: Mapping[int, tuple[float, str]] | None = None, budget: float | None = None,
+                requests: Iterable[dict] = ()) -> str:
+    """`autoresearch status`; `runs` as for status_line; `requests`: those still in the inbox
+    (control.pending_requests)."""
+    runs = runs or {}
+    live = state.in_flight()
     lines = [
         f"workspace:  {workspace}",
         f"daemon:     {state.daemon}" + (f" (pid {daemon_pid})" if daemon_pid else " (not running)"),
@@ -217,9 +253,10 @@ def status_text(state: State, workspace: str, daemon_pid: int | None, run_elapse
                            + f" ({str(r.get('time', ''))[11:19]}Z)" for r in requests)
         when = "when the daemon reads them" if daemon_pid else "when the daemon starts"
         lines.append(f"requests:   {listed}: not read yet; they take effect {when}")
-    lines.append(f"now:        {status_line(state, run_elapsed, budget, progress)}")
-    if cur is not None:
-        lines.append(f"current:    exp {cur.n} {cur.state}: {cur.description or '-'}")
+    lines.append(f"now:        {status_line(state, runs, budget)}")
+    for i, line in enumerate(slot_lines(state, runs, budget)):
+        lines.append(("in flight:  " if i == 0 else " " * 12) + line)
+    for cur in live:
         if cur.failed_runs:
             lines.append(f"baseline:   {cur.failed_runs} failed run{'s' if cur.failed_runs > 1 else ''} of "
                          f"exp {cur.n}, retried after each block; last: {cur.failure}")

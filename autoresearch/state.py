@@ -17,6 +17,10 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 TERMINAL = ("kept", "discarded", "crashed", "rejected")
+LIVE = ("proposing", "committed", "training", "evaluating", "judging", "interrupted")
+RUNNING = ("training", "evaluating")  # states that hold a slot (a run or its evaluation in its checkout)
+TRIALS = ("experiment", "merge")  # kinds judged against the best (the baseline measures it)
+RUN_END_KEYS = ("exit_code", "signal", "timed_out", "killed", "metric", "metric_text", "duration_s")
 
 # Events may carry fields that older logs lack (schema version 2, eventlog.py): `slot` and
 # `device` on launch, `parent` / `parents` on start and proposed, `kind = "merge"` on start.
@@ -27,14 +31,14 @@ TERMINAL = ("kept", "discarded", "crashed", "rejected")
 class Experiment:
     n: int
     state: str = "new"
-    kind: str = "experiment"  # "experiment" | "baseline" | "merge" (two kept lines of work combined)
+    kind: str = "experiment"  # "experiment" | "baseline" | "merge" (two kept changes composed)
     proposer: str = ""
     description: str = ""
     files: dict[str, str] | None = None  # the recorded proposal (editable files' content)
     meta: dict[str, Any] = field(default_factory=dict)  # the proposer's notes, e.g. fallback_from/_reason
     commit: str | None = None
-    parent: str | None = None  # the commit it was made from (the best when it was proposed)
-    parents: list[str] = field(default_factory=list)  # a merge's: the commits it combines
+    parent: str | None = None  # the best when it was proposed: what it changed
+    parents: list[int] = field(default_factory=list)  # a merge's experiments (best's and the other's)
     hashes: dict[str, str] = field(default_factory=dict)  # editable path -> sha256 at commit
     added: int = 0
     removed: int = 0
@@ -45,8 +49,10 @@ class Experiment:
     evaluations: int = 0  # evaluation processes started for the current run (a restart re-runs one)
     runs: int = 0  # launches (reruns and retries included)
     launched: str = ""  # when the latest run was launched (UTC ISO)
-    slot: int | None = None  # where the latest run ran (logs before slots: not recorded)
-    device: str = ""  # what the latest run ran on, e.g. a GPU model ("": not recorded)
+    slot: int | None = None  # the slot its latest run holds (its checkout .autoresearch/slots/<k>)
+    device: dict[str, Any] = field(default_factory=dict)  # where it ran: {"kind": "cpu"} or the GPU
+    run_end: dict[str, Any] = field(default_factory=dict)  # the latest run's end as recorded (RUN_END_KEYS)
+    evaluation: dict[str, Any] = field(default_factory=dict)  # the latest evaluation's result as recorded
     log: str = ""  # the latest run's output log, relative to the workspace
     failed_runs: int = 0  # a baseline's failed runs (each retried as this same experiment)
     failure: str = ""  # why the latest of them failed
@@ -61,6 +67,7 @@ class Experiment:
     cost_unknown: bool = False  # some tokens had no known price: the true cost is higher
     started: str = ""
     ended: str = ""
+    last_seq: int = 0  # its latest event
 
     @property
     def terminal(self) -> bool:
@@ -103,17 +110,22 @@ class State:
     def counts(self) -> dict[str, int]:
         out = {s: 0 for s in TERMINAL}
         for exp in self.experiments.values():
-            if exp.kind != "baseline" and exp.state in out:
+            if exp.kind in TRIALS and exp.state in out:
                 out[exp.state] += 1
         return out
 
+    def in_flight(self) -> list[Experiment]:
+        """The experiments not ended, oldest first. One without an end, not the newest, whose last
+        event precedes a gap in the log lost its terminal event to damage (see `gaps`): it is not
+        in flight."""
+        newest = max(self.experiments, default=None)
+        return [e for n, e in sorted(self.experiments.items())
+                if not e.terminal and (n == newest or not any(a > e.last_seq for a, _ in self.gaps))]
+
     def current(self) -> Experiment | None:
-        """The experiment in flight: the newest, when it has not ended (one run slot). An older
-        one without an end lost its terminal event to damage (see `gaps`): it is not in flight."""
-        if not self.experiments:
-            return None
-        newest = self.experiments[max(self.experiments)]
-        return None if newest.terminal else newest
+        """The oldest experiment in flight (None when none is)."""
+        live = self.in_flight()
+        return live[0] if live else None
 
     def next_n(self) -> int:
         return max(max(self.experiments, default=-1) + 1, self.next_floor)
@@ -196,20 +208,21 @@ def apply(state: State, event) -> State:
     if exp is None:
         exp = state.experiments[n] = Experiment(n=n, started=event.time)
     exp.state = event.dest
+    exp.last_seq = event.seq
     if spends:
         _add_spend(exp, usage, cost, "cost_usd" in p)
     t = event.trigger
-    if t in ("start", "proposed"):
-        exp.parent = p.get("parent", exp.parent)
-        exp.parents = list(p.get("parents", exp.parents))
     if t == "start":
         exp.kind = p.get("kind", "experiment")
         exp.proposer = p.get("proposer", "")
+        exp.parents = list(p.get("parents") or [])
+        exp.parent = p.get("parent", exp.parent)
     elif t == "proposed":
         exp.description = p.get("description", "")
         exp.files = p.get("files")
         exp.proposer = p.get("proposer", exp.proposer)
         exp.meta = p.get("meta") or {}
+        exp.parent = p.get("parent", exp.parent)  # older logs: the best when it was committed
     elif t in ("commit", "adopt"):
         exp.commit, exp.parent = p["commit"], p.get("parent", exp.parent)
         exp.hashes = p.get("hashes", {})
@@ -223,13 +236,17 @@ def apply(state: State, event) -> State:
         exp.sandbox = p.get("sandbox", exp.sandbox)
         exp.launched, exp.log = event.time, p.get("log", "")
         exp.sandbox_why = p.get("sandbox_why", "")
-        exp.slot, exp.device = p.get("slot", exp.slot), p.get("device", exp.device)
+        exp.slot = p.get("slot")  # logs from before slots: None (their one run slot was 0)
+        exp.device = p.get("device") or {}
+        exp.run_end, exp.evaluation = {}, {}
     elif t == "finish":
+        exp.run_end = {k: p.get(k) for k in RUN_END_KEYS}
         exp.log_tail = p.get("log_tail", "")
         if p.get("metric") is not None:
             exp.metrics.append(p["metric"])
         exp.memory_gb = p.get("memory_gb", exp.memory_gb)
     elif t == "trained":  # the run's own figure is only what it printed; the evaluation measures
+        exp.run_end = {k: p.get(k) for k in RUN_END_KEYS}
         exp.log_tail = p.get("log_tail", "")
         exp.printed = p.get("metric")
         exp.memory_gb = p.get("memory_gb", exp.memory_gb)
@@ -237,6 +254,7 @@ def apply(state: State, event) -> State:
     elif t == "evaluate":
         exp.evaluations += 1
     elif t == "evaluated":
+        exp.evaluation = {"failure": p.get("failure", ""), "metric": p.get("metric")}
         if p.get("log_tail"):
             exp.log_tail = p["log_tail"]
         if p.get("metric") is not None and not p.get("failure"):
@@ -257,7 +275,7 @@ def apply(state: State, event) -> State:
         exp.ended = event.time
         exp.reason = p.get("reason", exp.reason)
         exp.metric = p.get("metric", exp.metric)
-        if event.dest == "kept" and exp.kind != "baseline":  # a baseline's keep: baseline_done
+        if event.dest == "kept" and exp.kind in TRIALS:
             state.best_commit, state.best_metric, state.best_n = exp.commit, exp.metric, n
         if event.dest == "crashed":
             state.last_failure_n = n

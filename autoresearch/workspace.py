@@ -544,9 +544,12 @@ class Workspace:
                         names.append(str(scratch / label))
                     out = gitsafe.run(["merge-file", "-p", "-q", *names], self.root, capture_output=True,
                                       timeout=120)
-                    if out.returncode != 0:  # > 0: that many conflicts; < 0: git failed
-                        return None
-                    result = out.stdout.decode("utf-8")
+                    if out.returncode == 0:
+                        result = out.stdout.decode("utf-8")
+                    else:  # > 0: that many conflicts; < 0: git failed
+                        result = _merge_lines(mb, mo, mt)
+                        if result is None:
+                            return None
                 if result is not None:
                     merged[rel] = result
             return merged
@@ -693,6 +696,24 @@ def _not_a_repo(root: Path) -> str:
     outer.close()
     return (f"{root} is inside the git repository {top}, not its top level; a workspace is the top "
             "level of a repository of its own")
+
+
+def _merge_lines(base: str, ours: str, theirs: str) -> str | None:
+    """Line by line, when no side added or removed lines: each line from the side that changed
+    it. git merge-file calls edits of adjacent lines a conflict (one hunk); two tuned constants on
+    neighbouring lines (what the offline search does) are not. None when a line differs on both."""
+    b, o, t = (x.splitlines(keepends=True) for x in (base, ours, theirs))
+    if not len(b) == len(o) == len(t):
+        return None
+    out = []
+    for lb, lo, lt in zip(b, o, t):
+        if lo == lt or lt == lb:
+            out.append(lo)
+        elif lo == lb:
+            out.append(lt)
+        else:
+            return None
+    return "".join(out)
 
 
 def blob_sha(text: str) -> str:

@@ -193,6 +193,11 @@ class ScriptedProposer:
         self.items = list(items)
         self.contexts = []
 
+    @property
+    def edits_worktree(self) -> bool:
+        """Like an agent CLI while a worktree edit is next: the daemon runs one such at a time."""
+        return bool(self.items) and callable(self.items[0]) and not isinstance(self.items[0], BaseException)
+
     def propose(self, ctx):
         self.contexts.append(ctx)
         if not self.items:

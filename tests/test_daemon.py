@@ -153,10 +153,18 @@ def test_editable_file_changed_between_commit_and_launch(tmp_path):
     root = make_workspace(tmp_path / "ws")
 
     class Tamper(Daemon):
-        def _launch(self, cur, model):
-            if cur.kind == "experiment":
-                (root / "train.py").write_text(edited(TRAIN, WIDTH=7))
-            super()._launch(cur, model)
+        """Something rewrites train.py in the run's checkout after it was made from the commit."""
+        def _make_coordinator(self):
+            coordinator = super()._make_coordinator()
+            checkout = self.ws.run_checkout
+
+            def tampered(slot, sha, extra={}):
+                path = checkout(slot, sha, extra)
+                if sha != self.ws.best():  # the experiment's checkout, not the baseline's
+                    (path / "train.py").write_text(edited(TRAIN, WIDTH=7))
+                return path
+            self.ws.run_checkout = tampered
+            return coordinator
 
     run_daemon(root, ScriptedProposer([{"train.py": edited(TRAIN, WIDTH=100)}]), n=1, cls=Tamper)
     st = check_invariants(root)
@@ -222,7 +230,9 @@ def test_program_md_is_the_humans_and_survives_rollback(tmp_path):
 
 
 def test_proposal_context_is_fresh_and_bounded_by_the_log(tmp_path):
-    root = make_workspace(tmp_path / "ws")
+    # lookahead 0: the second proposal is asked once the first has its outcome (see test_slots.py
+    # for proposals asked while others are in flight).
+    root = make_workspace(tmp_path / "ws", slots={"lookahead": 0})
     crash = TRAIN.replace("loss = ", "raise SystemExit('exploded')\nloss = ", 1)
     proposer = ScriptedProposer([{"train.py": crash}, {"train.py": edited(TRAIN, WIDTH=100)}])
     run_daemon(root, proposer, n=2)
@@ -276,7 +286,7 @@ def test_an_exhausted_offline_search_ends_the_run(tmp_path):
 def test_history_shows_changes_and_a_repeat_is_rejected_without_a_run(tmp_path):
     from autoresearch.proposers.prompt import experiment_prompt
 
-    root = make_workspace(tmp_path / "ws")
+    root = make_workspace(tmp_path / "ws", slots={"lookahead": 0})  # each proposal after the last outcome
     worse = edited(TRAIN, LEARNING_RATE=0.001)  # a worse metric: discarded
     proposer = ScriptedProposer([{"train.py": worse}, {"train.py": worse}, {"train.py": edited(TRAIN, WIDTH=100)}])
     run_daemon(root, proposer, n=3)
@@ -463,7 +473,9 @@ def test_a_commit_supersedes_the_experiment_in_flight(tmp_path):
     out = cli("run", str(root), "--max-experiments", "2", env=env)
     assert out.returncode == 0, out.stderr[-2000:]
     st = check_invariants(root)
-    exp1 = st.experiments[1]
-    assert exp1.state == "rejected" and exp1.reason.startswith(f"superseded by your commit {mine[:7]}")
-    assert st.experiments[2].kind == "baseline" and st.experiments[2].commit == mine
-    assert st.experiments[3].parent == mine
+    # Every experiment in flight (1, training; the next, proposed ahead) was made on the old code.
+    superseded = [e for e in st.experiments.values() if e.reason.startswith(f"superseded by your commit {mine[:7]}")]
+    assert 1 in [e.n for e in superseded] and all(e.state == "rejected" for e in superseded)
+    base = next(e for e in st.experiments.values() if e.kind == "baseline" and e.n > 0)
+    assert base.commit == mine and base.n == max(e.n for e in superseded) + 1
+    assert st.experiments[base.n + 1].parent == mine

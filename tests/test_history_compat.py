@@ -215,24 +215,24 @@ def test_the_fold_reads_the_new_fields_and_old_logs_fold_without_them(v1):
     root, _ = v1
     old = fold(events(root))  # a version-1 log: none of the fields
     for exp in old.experiments.values():
-        assert exp.slot is None and exp.device == "" and exp.parents == [] and exp.kind in ("baseline", "experiment")
+        assert exp.slot is None and exp.device == {} and exp.parents == [] and exp.kind in ("baseline", "experiment")
     assert old.experiments[3].parent == old.experiments[2].commit  # from `commit`, as before
 
     r = Recorder()
     r.baseline(2.0)
-    one = r.run(1, start={"parent": "c0"}, launch={"slot": 1, "device": "NVIDIA H100 80GB HBM3"})
+    one = r.run(1, start={"parent": "c0"}, launch={"slot": 1, "device": {"kind": "cuda", "index": 0, "name": "NVIDIA H100 80GB HBM3"}})
     one.fire("finish", exit_code=0, metric=1.5)
     one.fire("keep", metric=1.5, reason="improved")
     merge = r.m.experiment(2)
     merge.fire("start", kind="merge", parents=["c1", "c9"], parent="c1")
     merge.fire("commit", commit="c2", parent="c1")
-    merge.fire("launch", log="runs/2.log", attempt=1, slot=0, device="cpu")
+    merge.fire("launch", log="runs/2.log", attempt=1, slot=0, device={"kind": "cpu"})
     merge.fire("finish", exit_code=0, metric=1.2)
     merge.fire("keep", metric=1.2, reason="merged")
     st = fold(r.events)
     assert st == r.live
     e1, e2 = st.experiments[1], st.experiments[2]
-    assert (e1.slot, e1.device, e1.parent, e1.parents) == (1, "NVIDIA H100 80GB HBM3", "c0", [])
+    assert (e1.slot, e1.device["name"], e1.parent, e1.parents) == (1, "NVIDIA H100 80GB HBM3", "c0", [])
     assert (e2.kind, e2.parents, e2.parent, e2.slot) == ("merge", ["c1", "c9"], "c1", 0)
     # A kept merge is the new best, and counts as an experiment.
     assert (st.best_commit, st.best_metric, st.best_n) == ("c2", 1.2, 2)

@@ -17,7 +17,7 @@ import pytest
 pytestmark = pytest.mark.timeout(900)  # one daemon run of six real (tiny) trainings and evaluations
 
 from autoresearch import sandbox
-from autoresearch.daemon import TRUST_TOLERANCE
+from autoresearch.judge import TRUST_TOLERANCE
 from autoresearch.state import fold
 
 from daemon_fixtures import cli, events, make_workspace

@@ -463,6 +463,17 @@ def test_merge_files_combines_edits_to_different_lines(three):
     assert _snapshot(w.root) == before  # reads objects only; no scratch file left
 
 
+def test_merge_files_combines_edits_to_neighbouring_lines(three):
+    """Two tuned constants on adjacent lines: one hunk to git merge-file (a conflict), but each
+    line changed on one side only, so the line-by-line merge composes them."""
+    w, base = three
+    ours = w.commit_files({"train.py": _edit(BASE, L4="'a'")}, base, "ours")
+    theirs = w.commit_files({"train.py": _edit(BASE, L5="'b'")}, base, "theirs")
+    assert w.merge_files(base, ours, theirs, ["train.py"]) == {"train.py": _edit(BASE, L4="'a'", L5="'b'")}
+    longer = w.commit_files({"train.py": _edit(BASE, L5="'b'") + "EXTRA = 1\n"}, base, "adds a line too")
+    assert w.merge_files(base, ours, longer, ["train.py"]) is None  # not line for line: a real conflict
+
+
 def test_merge_files_conflict_is_none(three):
     w, base = three
     ours = w.commit_files({"train.py": _edit(BASE, L5="'a'")}, base, "ours")

@@ -91,12 +91,11 @@ class Hub:
         return self._pid[1]
 
     def slots(self) -> list[dict[str, Any]]:
-        cur = self.reader.state.current()
-        live = [cur] if cur is not None else []  # one run slot today; the header takes a list
         out = []
-        for e in live:
+        for e in self.reader.state.in_flight():  # every experiment in flight, oldest first
             launched = self.reader.launched.get(e.n)
-            out.append({"n": e.n, "launched": launched[0] if launched else "", "loss": self._loss.get(e.n)})
+            out.append({"n": e.n, "launched": launched[0] if launched else "", "loss": self._loss.get(e.n),
+                        "slot": e.slot if e.state in ("training", "evaluating") else None})
         return out
 
     def header(self) -> dict[str, Any]:

@@ -72,8 +72,8 @@ def header(state: State, *, now: float, daemon_pid: int | None, boot_time: str, 
            slots: list[dict[str, Any]], direction: str = "minimize") -> dict[str, Any]:
     """The header: state, uptime, best and gain over the baseline, keep rate, cost, the slots.
 
-    `slots` are the experiments in flight, each {n, launched (UTC ISO or ""), loss}: one today,
-    a list so that several slots fit when the daemon runs several experiments at once."""
+    `slots` are the experiments in flight, each {n, launched (UTC ISO or ""), loss, slot (the run
+    slot it holds, or None while it waits)}, oldest first."""
     counts = state.counts()
     finished = sum(counts.values())
     base = state.experiments.get(state.baseline_n) if state.baseline_n is not None else None
@@ -94,7 +94,8 @@ def header(state: State, *, now: float, daemon_pid: int | None, boot_time: str, 
         live.append({
             "n": e.n, "kind": e.kind, "state": e.state, "description": e.description,
             "elapsed_s": round(now - parse_utc(launched), 1) if launched and e.state == "training" else None,
-            "budget_s": budget_s, "loss": slot.get("loss"), "started": e.started,
+            "budget_s": budget_s, "loss": slot.get("loss"), "started": e.started, "slot": slot.get("slot"),
+            "device": e.device or None,
         })
     return {
         "daemon": state.daemon, "alive": alive, "pid": daemon_pid, "reason": state.reason,

@@ -68,6 +68,9 @@ class Proposal:
 
 class Proposer(Protocol):
     name: str
+    # True for one that edits the human's worktree itself (an agent CLI: Proposal.files None): the
+    # daemon runs one such proposal at a time. In-memory proposers may leave it out (False).
+    edits_worktree: bool
 
     def propose(self, ctx: ProposalContext) -> Proposal: ...
 

@@ -185,6 +185,7 @@ class CommandProposer:
     """Proposer(cfg): cfg has argv (sequence of str) and deadline_seconds."""
 
     name = "command"
+    edits_worktree = True  # the agent edits the human's worktree: one proposes at a time
 
     def __init__(self, cfg, *, log_max_bytes: int = LOG_MAX_BYTES, kill_grace: float = KILL_GRACE_S):
         self.cfg = cfg

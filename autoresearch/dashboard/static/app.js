@@ -225,12 +225,14 @@ function renderSlots() {
     const bar = el("div", { class: "bar" }, el("div"));
     bar.firstChild.style.width = pct.toFixed(1) + "%";
     const clock = elapsed === null ? s.state : `${fmtDur(elapsed)} / ${fmtDur(s.budget_s)}`;
+    const where = s.slot === null || s.slot === undefined ? "" :
+      ` · slot ${s.slot}` + (s.device && s.device.index !== undefined ? ` (gpu ${s.device.index})` : "");
     return el("div", { class: "slot", "data-slot": String(s.n) },
       el("div", { class: "title" }, el("a", { href: `#/exp/${s.n}`, text: `${s.kind === "baseline" ? "baseline" : "experiment"} #${s.n}` }),
         " ", el("span", { class: "badge " + s.state, text: s.state })),
       el("div", { class: "desc", text: s.description || "(proposing…)" }),
       bar,
-      el("div", { class: "muted" }, el("span", { class: "clock", text: clock }),
+      el("div", { class: "muted" }, el("span", { class: "clock", text: clock }), el("span", { class: "where", text: where }),
         s.loss === null || s.loss === undefined ? "" : el("span", { class: "loss", text: ` · loss ${s.loss.toFixed(4)}` })));
   });
   box.replaceChildren(...cards);
