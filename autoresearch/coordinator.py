@@ -114,6 +114,7 @@ class Coordinator:
         self.session_outcomes = 0  # experiments that reached an outcome in this invocation
         self._wind_down = ""  # why no new experiment starts (caps, search exhausted); ends when none is left
         self._model_checked: str | None = None
+        self._proposer_answered = False  # a proposal came back since the start or the last block
         self._editing: int | None = None  # the experiment whose proposer edits the human's worktree now
         self._worktree_stale = False  # the human's worktree is to go back to the best (deferred while an agent edits it)
         self._changes: dict[int, str] = {}  # experiment -> prompt.change_summary (cache)
@@ -143,6 +144,7 @@ class Coordinator:
 
     def step(self) -> bool:
         """One turn: take completions, then decide. Never blocks. True when the loop is over."""
+        self._apply_skips()  # first: a skipped run's end (killed by the skip) is not recorded as its outcome
         for key, result in self.executor.poll():
             self._run_ended(key, result)
         for n, outcome in self.pool.done():
@@ -154,7 +156,6 @@ class Coordinator:
             if (usage and any(usage.values())) or cost:
                 self.machines.daemon.fire("note", kind="late_spend", experiment=n, usage=usage, cost_usd=cost,
                                           reason="a proposal answered after its experiment ended")
-        self._apply_skips()
         if self._worktree_stale:
             self._sync_worktree()
         return self._decide()
@@ -192,6 +193,8 @@ class Coordinator:
             self._advance_all()
             return False
         # running
+        if not self._wind_down:
+            self._wind_down = self._cap_reached()  # before anything new is asked for
         self._advance_all()
         return self._fill()
 
@@ -217,7 +220,7 @@ class Coordinator:
                 if exp.terminal:
                     break
                 work = self._may_start_work()  # asked each time: a transition may have blocked us
-                self._advance(exp, work, work)
+                self._advance(exp, work, work and not self._wind_down)
                 exp = self.state.experiments[exp.n]
                 if exp.terminal:
                     self._finished(exp.n)
@@ -366,6 +369,7 @@ class Coordinator:
         if retry_after is not None:
             delay = max(delay, retry_after)
         self._failures += 1
+        self._proposer_answered = False
         d = self.machines.daemon
         if ("block", d.state) in LEGAL["daemon"]:
             d.fire("block", reason=reason, retry_at=utc_iso(time.time() + delay))
@@ -374,6 +378,8 @@ class Coordinator:
 
     def _ask(self, exp: Experiment) -> None:
         """Ask the proposer for experiment `exp` (in a worker thread: the pool)."""
+        if not self._proposer_answered and self.pool.busy():
+            return  # the first proposal after a start or a block runs alone: a bad key costs one request
         proposer = self.d.make_proposer(self.cfg)
         edits = bool(getattr(proposer, "edits_worktree", False))
         lane = "command" if edits else "memory"  # the pool runs one worktree editor at a time
@@ -415,6 +421,8 @@ class Coordinator:
         model = self._exp_model(exp)
         proposal = outcome if isinstance(outcome, Proposal) else None
         error = None if proposal is not None else outcome
+        if proposal is not None or isinstance(error, NoEdit):
+            self._proposer_answered = True
         if isinstance(error, NoEdit):
             self._spend(model, error)
             if self.cfg.proposer.fallback == "reject" or name == "offline":

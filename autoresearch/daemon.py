@@ -119,6 +119,7 @@ class Daemon:
         self.log: EventLog | None = None
         self.adopt_head: str | None = None  # a person's commit found at open (boot adopts it)
         self.adopt_remeasure = False
+        self._recording: tuple[int | None, str] | None = None  # the transition being recorded
 
     # ------------------------------------------------------------------ opening
 
@@ -189,6 +190,8 @@ class Daemon:
 
 
     def _record(self, aggregate: str, trigger: str, source: str, dest: str, payload: dict) -> None:
+        # What was being done, should it fail: the failure names this experiment, not another in flight.
+        self._recording = (int(aggregate.split(":")[1]) if aggregate.startswith("experiment:") else None, source)
         faults.point(f"pre:{trigger}")
         # No secret is ever stored (a run's log tail, an agent's description or error ...);
         # a proposal's files are the commit itself and must stay byte for byte.
@@ -203,6 +206,7 @@ class Daemon:
         log.info(f"{aggregate} {trigger}: {source} -> {dest}", seq=event.seq, experiment=event.experiment,
                  state=dest, trigger=trigger, **small)
         self.send_status()
+        self._recording = None
         faults.point(f"post:{trigger}")
 
     def _append(self, aggregate: str, trigger: str, source: str, dest: str, payload: dict):
@@ -304,8 +308,9 @@ class Daemon:
         exit non-zero: systemd's Restart=on-failure starts us again and boot reconciles."""
         live = self.state.in_flight()
         daemon_state = self.machines.daemon.state
-        where = {"experiment": live[0].n if live else None, "state": live[0].state if live else daemon_state,
-                 "daemon": daemon_state, "in_flight": [e.n for e in live]}
+        n, state = self._recording if self._recording and self._recording[0] is not None else \
+            ((live[0].n, live[0].state) if live else (None, daemon_state))
+        where = {"experiment": n, "state": state, "daemon": daemon_state, "in_flight": [e.n for e in live]}
         self.error = f"{type(exc).__name__}: {exc}"
         log.error("daemon failed unexpectedly; exiting", error=self.error, exc_info=exc, **where)
         try:

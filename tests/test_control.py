@@ -63,7 +63,7 @@ def test_pause_resume_skip_during_a_run(tmp_path, mode):
         status = json.loads(cli("status", str(root), "--json").stdout)
         assert status["daemon"] == "running" and status["current"]["state"] == "training", status
         assert "training" in cli("status", str(root)).stdout
-        out = cli("skip", str(root))
+        out = cli("skip", str(root), str(victim.n))  # that one; the one proposed ahead goes on
         assert out.returncode == 0, out.stdout + out.stderr
         assert "skip -> discarded" in out.stdout
         assert state(root).experiments[victim.n].state == "discarded"
@@ -139,7 +139,7 @@ def test_two_skips_and_two_stops_in_the_inbox_each_get_an_answer(tmp_path, mode)
 
 
 def test_a_skip_then_a_stop_in_the_inbox_skips_then_stops(tmp_path, mode):
-    root = make_workspace(tmp_path / "ws")
+    root = make_workspace(tmp_path / "ws", slots={"lookahead": 0})  # one in flight: nothing else to interrupt
     state_dir = root / ".autoresearch"
     proc = spawn_daemon(root, env=mode_env(mode))
     try:
@@ -214,7 +214,8 @@ def test_the_cli_says_truly_where_an_unanswered_request_is(tmp_path, mode):
 def test_graceful_stops_do_not_count_as_interruptions(tmp_path, mode):
     """With max_interrupts = 0 a single interruption gives the experiment up; a person's stops
     (SIGTERM, Ctrl-C, `autoresearch stop`) must not."""
-    root = make_workspace(tmp_path / "ws", limits={"max_interrupts": 0})
+    # One in flight (no proposal ahead), so that each stop interrupts exactly experiment n.
+    root = make_workspace(tmp_path / "ws", limits={"max_interrupts": 0}, slots={"lookahead": 0})
     n = None
     for how in ("SIGTERM", "SIGINT", "stop"):
         proc = spawn_daemon(root, env=mode_env(mode))
@@ -243,7 +244,7 @@ def test_graceful_stops_do_not_count_as_interruptions(tmp_path, mode):
 
 
 def test_a_lost_run_still_counts(tmp_path, mode):
-    root = make_workspace(tmp_path / "ws", limits={"max_interrupts": 0})
+    root = make_workspace(tmp_path / "ws", limits={"max_interrupts": 0}, slots={"lookahead": 0})
     proc = spawn_daemon(root, env=mode_env(mode))
     try:
         n = _training_experiment(root, mode).n
@@ -277,9 +278,9 @@ def test_old_logs_count_only_abnormal_interruptions():
 
 
 def test_a_blocked_proposal_does_not_end_the_session(tmp_path, monkeypatch):
-    import autoresearch.daemon as daemon_mod
+    import autoresearch.coordinator as coordinator_mod
 
-    monkeypatch.setattr(daemon_mod, "BACKOFF_S", (0.5,))
+    monkeypatch.setattr(coordinator_mod, "BACKOFF_S", (0.5,))
     root = make_workspace(tmp_path / "ws")
     proposer = ScriptedProposer([ProposerUnavailable("overloaded"), {"train.py": edited(TRAIN, WIDTH=96)}])
     d = Daemon(root, max_experiments=1, proposer_factory=factory(proposer))
