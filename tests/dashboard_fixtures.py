@@ -105,7 +105,7 @@ def build_lab(root: Path) -> Path:
     from autoresearch.daemon import Daemon
     from daemon_fixtures import TRAIN, ScriptedProposer, make_workspace
 
-    make_workspace(root)
+    make_workspace(root, slots={"lookahead": 0})  # each proposal from the latest best: a known story
     better = TRAIN.replace("LEARNING_RATE = 0.04", "LEARNING_RATE = 0.1")
     loud = better.replace("WIDTH = 64", "WIDTH = 40").replace('print("training...")\n',
                                                                 'print("training...")\n' + LOUD_TRAIN_LINES)

@@ -76,9 +76,9 @@ def test_control_requests_take_effect_within_a_second(tmp_path, mode):
     proc = spawn_daemon(root, env=mode_env(mode))
     timings = {}
 
-    def request(action):
+    def request(action, *args):
         t0 = time.monotonic()
-        out = cli(action, str(root))
+        out = cli(action, str(root), *args)
         timings[action] = time.monotonic() - t0
         assert out.returncode == 0, out.stdout + out.stderr
 
@@ -91,7 +91,7 @@ def test_control_requests_take_effect_within_a_second(tmp_path, mode):
         assert has_event(root, "resume", "daemon", "preparing")
         victim = wait_for(lambda: current(root, "training"), timeout=60)
         pids = wait_for(lambda: tagged_processes(root), timeout=10)
-        request("skip")
+        request("skip", str(victim.n))  # that one (the next, proposed ahead, goes on)
         skipped = has_event(root, "skip")
         assert skipped.dest == "discarded" and skipped.payload["reason"] == "skipped by user"
         assert skipped.aggregate == f"experiment:{victim.n}"
@@ -119,7 +119,7 @@ def test_a_request_without_a_daemon_is_a_clear_error(tmp_path):
 
 
 def test_a_pause_outlives_a_restart_and_a_queued_resume_ends_it(tmp_path, mode):
-    root = make_workspace(tmp_path / "ws")
+    root = make_workspace(tmp_path / "ws", slots={"lookahead": 0})  # one in flight: none waits after the pause
     proc = spawn_daemon(root, env=mode_env(mode))
     try:
         wait_for(lambda: has_event(root, "baseline_done"), timeout=60)

@@ -275,7 +275,8 @@ def test_header_slot_clock_and_gain():
                      slots=[{"n": 2, "launched": "1970-01-01T00:15:00Z", "loss": 3.25}])
     assert h["uptime_s"] == 1000.0 and h["gain"] == pytest.approx(0.1) and h["gain_pct"] == pytest.approx(10.0)
     assert h["slots"] == [{"n": 2, "kind": "experiment", "state": "training", "description": "try",
-                           "elapsed_s": 100.0, "budget_s": 300, "loss": 3.25, "started": ""}]
+                           "elapsed_s": 100.0, "budget_s": 300, "loss": 3.25, "started": "",
+                           "slot": None, "device": None}]
     assert h["keep_rate"] == 1.0 and h["finished"] == 1
     down = views.header(st, now=1000.0, daemon_pid=None, boot_time="1970-01-01T00:00:00Z", budget_s=300, slots=[])
     assert down["alive"] is False and down["uptime_s"] is None

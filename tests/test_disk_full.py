@@ -81,7 +81,7 @@ class NotifySink:
 
 
 def test_disk_full_during_an_append_waits_then_continues(tmp_path, small_disk):
-    root = make_workspace(small_disk / "ws")
+    root = make_workspace(small_disk / "ws", slots={"lookahead": 0})  # nothing else recorded meanwhile
     mode = tmp_path / "mode"
     mode.write_text("")
     sink = NotifySink(tmp_path / "notify.sock")

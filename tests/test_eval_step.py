@@ -58,6 +58,7 @@ def _workspace(tmp_path, sandbox="off"):
                           run={"command": "python train.py"},
                           sandbox={"mode": sandbox},
                           proposer={"kind": "command", "fallback": "reject"},
+                          slots={"lookahead": 0},  # the agent's script edits the latest best, in order
                           command={"argv": [sys.executable, str(agent)], "deadline_seconds": 30.0},
                           eval={"command": "python evaluate.py", "files": ["evaluate.py"]})
     (root / "evaluate.py").write_text(EVALUATE)

@@ -50,7 +50,7 @@ def lab(tmp_path_factory):
     base = tmp_path_factory.mktemp("outcomes")
     agent = base / "agent.py"
     agent.write_text(AGENT)
-    root = make_workspace(base / "lab", proposer={"kind": "command"},
+    root = make_workspace(base / "lab", proposer={"kind": "command"}, slots={"lookahead": 0},  # in order
                           command={"argv": [sys.executable, str(agent), str(base / "calls")]})
     daemon = spawn_daemon(root)
     try:
