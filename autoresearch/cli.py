@@ -581,7 +581,11 @@ def cmd_request(args) -> int:
     if outcome:
         print(f"{args.command}: {outcome} (event {seq})", file=sys.stderr)
         return Exit.DECLINED
-    print(f"{args.command}: done: {aggregate} {trigger} -> {dest} (event {seq})")
+    rows = [row]
+    if args.command == "skip" and target is None:  # every experiment in flight: one event each, one turn
+        time.sleep(0.2)
+        rows = _find_answers(state_dir / "events.sqlite", rid) or rows
+    print(f"{args.command}: done: " + ", ".join(f"{a} {t} -> {d} (event {q})" for q, a, t, d, _ in rows))
     return 0
 
 
@@ -628,6 +632,18 @@ def _in_flight(path: Path) -> list[int] | None:
     except (UserError, sqlite3.DatabaseError):
         return None
     return [e.n for e in state.in_flight()]
+
+
+def _find_answers(path: Path, rid: str) -> list:
+    """Every event that answers request `rid` (a bare skip: one per experiment it skipped)."""
+    from .eventlog import EventLog
+
+    log = EventLog.open_reader(path)
+    try:
+        return log.db.execute("SELECT seq, aggregate, trigger, dest, payload FROM events WHERE payload LIKE ? "
+                              "ORDER BY seq", [f'%"request":"{rid}"%']).fetchall()
+    finally:
+        log.close()
 
 
 def _find_answer(path: Path, rid: str):
