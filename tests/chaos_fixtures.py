@@ -1,14 +1,19 @@
 """Shared by the crash matrix, the soak and bench/chaos.py: the invariant checker and helpers.
 
-`check_invariants(root)` returns the list of violated invariants (issue 6), empty when all hold:
+`check_invariants(root)` returns the list of violated invariants (issues 6 and 12), empty when all hold:
   1. `verify` passes (gap-free sequence, intact hash chain, the log reaches its git anchors);
-  2. the folded state agrees with git: HEAD is the best commit or the in-flight experiment's
-     commit, every recorded experiment ref exists and matches, the best ref is the last kept commit;
+  2. the folded state agrees with git: HEAD is the best commit (or a person's adopted one: the
+     human's worktree stays at the best, runs have their own checkouts under
+     .autoresearch/slots/<k>), every recorded experiment ref exists and matches, the best ref is
+     the last kept commit (a kept merge moves it like any experiment); an experiment still
+     evaluating has its slot's checkout at its commit;
   3. every experiment has exactly one terminal event, as its last event (or none, where repair
      recorded a gap after its last event); numbers are contiguous (except a jump the log records:
-     numbers git had taken); at most one experiment (the newest) is still in flight;
+     numbers git had taken); at no point of the history were more than slots.count +
+     slots.lookahead experiments in flight (queued merges aside), nor two runs holding one slot,
+     nor a run in a slot beyond the count;
   4. `autoresearch results` prints exactly report.results_tsv(fold(log));
-  5. no process carrying the workspace's run tag survives; no git lock file is left;
+  5. no process carrying the workspace's run tag (or a run's `<tag>.<n>`) survives; no git lock file is left;
   6. (with an `ApiLog`) no API request for an experiment after its `proposed` event was recorded.
 """
 
@@ -20,10 +25,11 @@ import threading
 import time
 from pathlib import Path
 
+from autoresearch import config as config_mod, gpus
 from autoresearch.clock import parse_utc
 from autoresearch.eventlog import verify_path
 from autoresearch.report import results_tsv
-from autoresearch.state import TERMINAL, fold
+from autoresearch.state import RUNNING, TERMINAL, TRIALS, State, apply, fold
 from autoresearch.workspace import HUMAN_FILES
 
 from daemon_fixtures import cli, events, tagged_processes
@@ -78,28 +84,32 @@ def check_invariants(root: Path, api: ApiLog | None = None) -> list[str]:
     evs = events(root)
     st = fold(evs)
 
-    # 2. git agrees with the fold.
+    # 2. git agrees with the fold. The human's worktree stays at the best: runs have their own checkouts.
     head = _git(root, "rev-parse", "HEAD")
     best_ref = _git(root, "rev-parse", "--verify", "-q", "refs/autoresearch/best")
-    cur = st.current()
-    allowed = {st.best_commit, st.adopted} | ({cur.commit} if cur is not None and cur.commit else set())
-    if head not in allowed:
-        problems.append(f"2 HEAD {head} is neither best {st.best_commit} nor the in-flight commit")
+    if head not in {st.best_commit, st.adopted} - {None}:
+        problems.append(f"2 HEAD {head} is not the best {st.best_commit} (adopted: {st.adopted})")
     last_kept = None
-    for e in evs:  # the best moves on baseline_done, on a kept experiment, on an adopted user commit
-        # (one that changes more than the human's files: only once its baseline is done)
+    for e in evs:  # the best moves on baseline_done, on a kept experiment or merge, on an adopted user
+        # commit (one that changes more than the human's files: only once its baseline is done)
         if e.trigger == "baseline_done" or (e.trigger == "note" and e.payload.get("kind") == "adopted_user_commit"
                                             and not e.payload.get("remeasure")):
             last_kept = e.payload["commit"]
-        elif e.trigger == "keep" and st.experiments[e.experiment].kind == "experiment":
+        elif e.trigger == "keep" and st.experiments[e.experiment].kind in TRIALS:
             last_kept = st.experiments[e.experiment].commit
     if best_ref != st.best_commit or (last_kept is not None and best_ref != last_kept):
         problems.append(f"2 best ref {best_ref} vs folded best {st.best_commit} vs last kept {last_kept}")
     for exp in st.experiments.values():
-        if exp.kind == "experiment" and exp.commit:
+        if exp.kind in TRIALS and exp.commit:
             ref = _git(root, "rev-parse", "--verify", "-q", f"refs/autoresearch/exp/{exp.n}")
             if ref != exp.commit:
                 problems.append(f"2 exp {exp.n}: ref {ref} != recorded commit {exp.commit}")
+    for exp in st.in_flight():  # left evaluating by a stop: evaluated again from its run's checkout
+        if exp.state == "evaluating":
+            slot = root / ".autoresearch" / "slots" / str(exp.slot or 0)
+            at = _git(slot, "rev-parse", "HEAD") if slot.is_dir() else None
+            if at != exp.commit:
+                problems.append(f"2 exp {exp.n} evaluating: slot {exp.slot} checkout at {at}, not {exp.commit}")
     # The human's files (program.md, the config) are theirs to edit at any time; nothing else may differ.
     dirty = [line for line in (_git(root, "status", "--porcelain") or "").splitlines()
              if line.split(maxsplit=1)[-1] not in HUMAN_FILES]
@@ -121,13 +131,7 @@ def check_invariants(root: Path, api: ApiLog | None = None) -> list[str]:
         ends = [e for e in seq if e.dest in TERMINAL]
         if len(ends) > 1 or (ends and ends[-1] is not seq[-1]):
             problems.append(f"3 exp {n}: terminal events {[e.trigger for e in ends]} in {[e.trigger for e in seq]}")
-    # An older experiment without an end is allowed only where repair recorded a gap after its
-    # last event (its terminal event was quarantined or lost): it is not in flight (State.current).
-    last_seq = {n: seq[-1].seq for n, seq in by_exp.items()}
-    live = [n for n, e in st.experiments.items() if not e.terminal
-            and not (n != max(ns) and any(a > last_seq.get(n, 0) for a, _ in st.gaps))]
-    if len(live) > 1 or (live and live[0] != max(ns)):
-        problems.append(f"3 experiments in flight: {live}")
+    problems += _flight_problems(root, evs)
 
     # 4. results == the projection of the log.
     out = cli("results", str(root), timeout=60)
@@ -149,6 +153,37 @@ def check_invariants(root: Path, api: ApiLog | None = None) -> list[str]:
                 later = [t for n, t in api.calls if n == e.experiment and t > parse_utc(e.time)]
                 if later:
                     problems.append(f"6 exp {e.experiment}: {len(later)} API request(s) after `proposed`")
+    return problems
+
+
+def _flight_problems(root: Path, evs) -> list[str]:
+    """Invariant 3 over the whole history, event by event: how many experiments were in flight at
+    once, and which slot each run held. Read against the workspace's config as it is now."""
+    try:
+        cfg = config_mod.load(root)
+    except Exception as exc:  # noqa: BLE001 - a config the test broke on purpose: say so, check the rest
+        return [f"3 config unreadable, slots not checked: {exc}"]
+    count = config_mod.slot_count(cfg, gpus.visible())
+    most = count + cfg.slots.lookahead
+    st, live, problems = State(), set(), []
+    for e in evs:
+        apply(st, e)
+        if e.experiment is None:
+            continue
+        (live.discard if st.experiments[e.experiment].terminal else live.add)(e.experiment)
+        # One whose terminal event repair could not keep (a gap after its last event) is not in flight.
+        now = [st.experiments[n] for n in sorted(live)
+               if not any(a > st.experiments[n].last_seq for a, _ in st.gaps)]
+        trials = [x.n for x in now if x.kind == "experiment"]
+        if len(trials) > most:
+            problems.append(f"3 event {e.seq}: {len(trials)} experiments in flight {trials}, more than "
+                            f"count {count} + lookahead {cfg.slots.lookahead}")
+        held = [(x.slot or 0, x.n) for x in now if x.state in RUNNING]
+        slots = [k for k, _ in held]
+        if len(set(slots)) != len(slots) or any(k >= count for k in slots):
+            problems.append(f"3 event {e.seq}: runs in flight (slot, experiment) {sorted(held)} with {count} slot(s)")
+        if len(problems) >= 5:
+            break  # the first few say it
     return problems
 
 
@@ -178,7 +213,7 @@ def refs_overwritten(before: dict[str, str], root: Path) -> list[str]:
 
 def kept_or_discarded(root: Path) -> int:
     st = fold(events(root))
-    return sum(1 for e in st.experiments.values() if e.kind == "experiment" and e.state in ("kept", "discarded"))
+    return sum(1 for e in st.experiments.values() if e.kind in TRIALS and e.state in ("kept", "discarded"))
 
 
 def git_killed_inside(workdir: Path, verb: str) -> dict:
