@@ -12,6 +12,12 @@ the k-th occurrence of the trigger with AUTORESEARCH_CRASH_AT set; the process m
 SIGKILL exactly there (an unreachable point fails the case). Then restarts without the crash
 point until one more experiment is kept or discarded (or the caps say exhausted), and
 tests/chaos_fixtures.check_invariants must find nothing.
+
+With slots (issue 12), a subset of the points is reached again with two experiments in flight
+(SLOT_POINTS: the second slot's launch, a run ending or judged while the other trains, the best
+moving under a running experiment, boot interrupting several, a skip of one of two, a
+stop with several in flight): each transition's code is the same with one slot or two, so the
+subset covers what differs, and the suite stays lean.
 """
 
 from __future__ import annotations
@@ -149,6 +155,44 @@ def _requests(case, point, trigger):
         return proc.wait(timeout=30)
 
 
+def _slots(case, point, trigger):
+    """Two slots, lookahead 1: the baseline in an earlier session, then 1 s runs that overlap
+    (experiment 1 on slot 0, 2 on slot 1, 3 ready; the next ones start as slots free)."""
+    assert case.run("--max-experiments", "0").returncode == 0
+    case.mode.write_text("sleep:1")
+    return case.run("--max-experiments", "4", crash=point).returncode
+
+
+def _slots_restart(case, point, trigger):
+    """Killed with both slots training and the lookahead experiment ready: the next boot kills
+    the orphaned runs, interrupts all three and re-runs each in a free slot."""
+    assert case.run("--max-experiments", "0").returncode == 0
+    case.mode.write_text("sleep:30")
+    out = case.run("--max-experiments", "3", crash="post:launch@2")
+    assert out.returncode == -signal.SIGKILL, f"setup kill not reached: {out.stderr[-1000:]}"
+    case.mode.write_text("sleep:1")
+    return case.run("--max-experiments", "3", crash=point).returncode
+
+
+def _slots_skip(case, point, trigger):
+    """`skip lab N` of one of two experiments training."""
+    assert case.run("--max-experiments", "0").returncode == 0
+    case.mode.write_text("sleep:30")
+    proc = case.spawn(point)
+
+    def training():
+        return [e.n for e in fold(events(case.root)).in_flight() if e.state == "training"]
+
+    wait_for(lambda: len(training()) == 2 or proc.poll() is not None, timeout=60)
+    if proc.poll() is None:
+        submit_request(case.root / ".autoresearch", "skip", experiment=training()[0])
+    try:
+        return proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.wait(timeout=30)
+
+
 def _prep_script(tmp: Path) -> str:
     script = tmp / "prepare.py"
     script.write_text("import pathlib, sys\nmarker = pathlib.Path(sys.argv[1])\n"
@@ -187,6 +231,9 @@ SCENARIOS = {
     # An evaluation step (the fixture's train.py again, as [eval] command): a kill in evaluating
     # re-runs the evaluation only.
     "evaluation": ({"eval": {"command": "python train.py"}}, None, _plain),
+    "slots": ({"slots": {"count": 2}}, None, _slots),
+    "slots_restart": ({"slots": {"count": 2}}, None, _slots_restart),
+    "slots_skip": ({"slots": {"count": 2}}, None, _slots_skip),
 }
 
 # trigger -> (scenario, k: which occurrence in the killed process)
@@ -204,6 +251,19 @@ REACHES = {
     "pause": ("requests", 1), "resume": ("requests", 1), "skip": ("requests", 1),
     "trained": ("evaluation", 1), "evaluate": ("evaluation", 1), "evaluated": ("evaluation", 1),
 }
+
+# Two slots: (scenario, trigger, k), each in both windows.
+SLOT_POINTS = [
+    ("slots", "launch", 2),  # the second slot's launch while the first trains
+    ("slots", "finish", 1),  # a run ends while the other trains
+    ("slots", "keep", 1),  # the best moves while another experiment trains
+    ("slots", "discard", 1),  # judged against a best that moved after it was proposed
+    ("slots", "start", 4),  # a new experiment while two train
+    ("slots", "stop", 1),  # several in flight at the end of the session
+    ("slots_restart", "interrupt", 2),  # boot halfway through interrupting several
+    ("slots_restart", "retry", 2),
+    ("slots_skip", "skip", 1),
+]
 
 
 def _config(kind, tmp):
@@ -247,9 +307,18 @@ def test_crash_at_every_transition(tmp_path, trigger, window):
     if trigger not in REACHES:
         pytest.fail(f"no scenario reaches trigger {trigger!r}: add one to REACHES")
     name, k = REACHES[trigger]
+    _crash_case(tmp_path, name, f"{window}:{trigger}@{k}", trigger, window)
+
+
+@pytest.mark.parametrize("window", ["pre", "post"])
+@pytest.mark.parametrize("name,trigger,k", SLOT_POINTS, ids=[f"{n}-{t}@{k}" for n, t, k in SLOT_POINTS])
+def test_crash_with_two_slots(tmp_path, name, trigger, k, window):
+    _crash_case(tmp_path, name, f"{window}:{trigger}@{k}", trigger, window)
+
+
+def _crash_case(tmp_path, name, point, trigger, window):
     config, respond, scenario = SCENARIOS[name]
     case = Case(tmp_path, _config(config, tmp_path), respond)
-    point = f"{window}:{trigger}@{k}"
     try:
         t0 = time.monotonic()
         rc = scenario(case, point, trigger)
@@ -268,7 +337,7 @@ def test_crash_at_every_transition(tmp_path, trigger, window):
 
 def test_every_trigger_has_a_scenario():
     assert sorted(REACHES) == TRIGGERS
-    assert set(name for name, _ in REACHES.values()) == set(SCENARIOS)
+    assert set(name for name, _ in REACHES.values()) | {name for name, _, _ in SLOT_POINTS} == set(SCENARIOS)
 
 
 def test_kill_between_git_commit_and_its_ref(tmp_path):
