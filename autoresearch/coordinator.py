@@ -108,7 +108,6 @@ class Coordinator:
         self._asked: dict[int, tuple[str, dict[str, bytes], Any]] = {}  # n -> (parent, human files, ctx)
         self._skips: list[tuple[str, int]] = []  # (request id, experiment) accepted, applied next turn
         self._settled: set[int] = set()  # experiments whose outcome's side effects are done
-        self._merges: list[tuple[str, str, int | None]] = []  # (base, commit, its experiment): onto the best
         self.prepared = False  # prepare_command succeeded in this process: once per start
         self._failures = 0  # consecutive blocks, for the backoff
         self.session_outcomes = 0  # experiments that reached an outcome in this invocation
@@ -233,6 +232,9 @@ class Coordinator:
         if s == "proposing":
             if exp.files is not None:  # recorded before a crash: re-apply it, never ask again
                 self._commit(exp)
+            elif exp.kind == "merge":  # its start survived a crash, its merged change did not
+                if propose:
+                    self._propose_merge(exp)
             elif exp.n not in self.pool.busy() and propose and exp.kind != "merge":
                 self._ask(exp)
         elif s == "committed":
@@ -283,8 +285,8 @@ class Coordinator:
             if self.d.session_over() or not live:
                 raise Stop()
             return False
-        merges, self._merges = self._merges, []
-        for base, commit, n in merges:
+        # Merges owed (recorded with their verdict, so a restart still owes them), before new experiments.
+        for base, commit, n in list(self.state.merges_owed):
             if self.d.session_limit_left(len(live)) > 0:
                 self._queue_merge(base, commit, n)
                 live = [e for e in self.state.in_flight() if e.kind != "baseline"]
@@ -589,15 +591,19 @@ class Coordinator:
                                         "(by hash) already ran or are running; not run again")
             return
         sha = self.ws.exp_ref(exp.n)
-        if not (sha and self.ws.commit_matches(sha, files, parent=parent)):
-            others = [self.state.experiments[p].commit for p in exp.parents[1:]
-                      if p in self.state.experiments and self.state.experiments[p].commit]
+        others = self._other_parents(exp)
+        if not (sha and self.ws.commit_matches(sha, files, parent=parent, parents=others)):
             sha = self.ws.commit_files(files, parent, f"exp {exp.n}: {exp.description or 'proposal'}",
                                        parents=others)
             self.ws.set_exp_ref(exp.n, sha)
         added, removed = self.ws.numstat(parent, sha)
         model.fire("commit", commit=sha, parent=parent, added=added, removed=removed,
                    hashes={p: _sha256(t.encode()) for p, t in files.items()})
+
+    def _other_parents(self, exp: Experiment) -> list[str]:
+        """A merge's commit parents after its first (the merged experiment's commit)."""
+        return [self.state.experiments[p].commit for p in exp.parents[1:]
+                if p in self.state.experiments and self.state.experiments[p].commit]
 
     def _duplicate_of(self, files: dict[str, str], n: int) -> int | None:
         """An experiment that already ran, or is running, exactly these editable files.
@@ -776,37 +782,58 @@ class Coordinator:
             if self.machines.daemon.state == "baseline":
                 self.block(f"baseline run failed ({exp.failed_runs}x): {exp.failure}")
             return
-        best_before, best_n = self.state.best_commit, self.state.best_n
-        model.fire(verdict.trigger, **verdict.payload())
-        if verdict.merge and best_before:  # queued once its outcome is settled, before new experiments
-            if verdict.trigger == "keep":  # the best it replaced had a gain of its own: onto it
-                self._merges.append((exp.parent, best_before, best_n))
-            else:  # its own gain, onto the best
-                self._merges.append((exp.parent, exp.commit, exp.n))
+        model.fire(verdict.trigger, **verdict.payload())  # a merge it owes is queued by _fill
 
     def _queue_merge(self, base: str, commit: str, n: int | None) -> None:
         """Gains found side by side compose: the change from `base` to `commit` (experiment n's)
         three-way merged onto the best. If it applies cleanly and changes the best, the merge is an
-        experiment of its own (kind "merge", no proposer call), judged like any other."""
+        experiment of its own (kind "merge", no proposer call), judged like any other. Either way
+        the decision is recorded (a merge's start, or a note that it does not apply): it is owed
+        until then, across restarts."""
         best, best_n = self.state.best_commit, self.state.best_n
-        if self.machines.daemon.state != "running" or self._wind_down or not best or commit == best:
+        if self.machines.daemon.state != "running" or self._wind_down or not best:
             return
+        changed = self._merged_change(base, commit, n)
+        if not changed:
+            self.machines.daemon.fire("note", kind="merge_refused", commit=commit, experiment_merged=n,
+                                      reason="conflicts with the best" if changed is None else "nothing to add")
+            return
+        new = self.state.next_n()
+        self.machines.experiment(new).fire("start", kind="merge", proposer="merge", parents=[best_n, n],
+                                           parent=best, merging=[base, commit])
+        self._propose_merge(self.state.experiments[new], changed)
+
+    def _merged_change(self, base: str, commit: str, n: int | None) -> dict[str, str] | None:
+        """The editable files the change from `base` to `commit` alters when merged onto the best
+        ({} when it adds nothing, None when it conflicts)."""
+        best = self.state.best_commit
+        if commit == best:
+            return {}
         merged = self.ws.merge_files(base, best, commit, self.cfg.run.editable)
         if merged is None:
             log.info("no merge: the change conflicts with the best", experiment=n)
-            return
+            return None
         at_best = self.ws.files_at(best)
-        changed = {p: t for p, t in merged.items() if at_best.get(p) != t}
+        return {p: t for p, t in merged.items() if at_best.get(p) != t}
+
+    def _propose_merge(self, merge: Experiment, changed: dict[str, str] | None = None) -> None:
+        """Record merge experiment `merge`'s change. After a kill between its start and this, the
+        change is computed again, onto the best as it is now."""
+        model = self._exp_model(merge)
+        base, commit = (merge.merging + [None, None])[:2]
+        n = merge.parents[-1] if merge.parents else None
+        if changed is None:
+            changed = self._merged_change(base, commit, n) if base and commit else None
         if not changed:
+            model.fire("reject", reason="the merge was cut short before its change was recorded, "
+                                        "and the change no longer merges onto the best")
             return
         other = self.state.experiments.get(n) if n is not None else None
         what = other.description if other is not None else commit[:7]
-        new = self.state.next_n()
-        m = self.machines.experiment(new)
-        m.fire("start", kind="merge", proposer="merge", parents=[best_n, n], parent=best)
-        m.fire("proposed", description=f"merge of exp {n} into the best (exp {best_n}): {what}"[:300],
-               files=changed, proposer="merge", usage={}, cost_usd=0.0, meta={"merge_of": [best_n, n]},
-               parent=best)
+        best_n = self.state.best_n
+        model.fire("proposed", description=f"merge of exp {n} into the best (exp {best_n}): {what}"[:300],
+                   files=changed, proposer="merge", usage={}, cost_usd=0.0, meta={"merge_of": [best_n, n]},
+                   parent=self.state.best_commit)
 
     # ------------------------------------------------------------------ endings
 
@@ -871,7 +898,7 @@ class Coordinator:
         if ref is None:
             return False
         return exp.files is None or not self.ws.commit_matches(
-            ref, exp.files, parent=exp.parent or self.state.best_commit)
+            ref, exp.files, parent=exp.parent or self.state.best_commit, parents=self._other_parents(exp))
 
     # ------------------------------------------------------------------ requests
 

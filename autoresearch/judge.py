@@ -38,6 +38,8 @@ class Verdict:
         out: dict[str, Any] = {"reason": self.reason} if self.reason else {}
         if self.metric is not None:
             out["metric"] = self.metric
+        if self.merge:  # recorded: a merge is owed even if the daemon dies before queueing it
+            out["merge"] = True
         return {**out, **self.extra}
 
 

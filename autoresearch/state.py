@@ -23,7 +23,9 @@ TRIALS = ("experiment", "merge")  # kinds judged against the best (the baseline 
 RUN_END_KEYS = ("exit_code", "signal", "timed_out", "killed", "metric", "metric_text", "duration_s")
 
 # Events may carry fields that older logs lack (schema version 2, eventlog.py): `slot` and
-# `device` on launch, `parent` / `parents` on start and proposed, `kind = "merge"` on start.
+# `device` on launch, `parent` / `parents` on start and proposed, `kind = "merge"` on start,
+# `merge` on keep and discard (a merge owed), `merging` on a merge's start and the
+# `merge_refused` note (a merge under way, or found not to apply).
 # Each is read with a default, so a version-1 log folds as it always did.
 
 
@@ -39,6 +41,7 @@ class Experiment:
     commit: str | None = None
     parent: str | None = None  # the best when it was proposed: what it changed
     parents: list[int] = field(default_factory=list)  # a merge's experiments (best's and the other's)
+    merging: list[str] = field(default_factory=list)  # a merge's change: [base, commit], onto the best
     hashes: dict[str, str] = field(default_factory=dict)  # editable path -> sha256 at commit
     added: int = 0
     removed: int = 0
@@ -103,6 +106,10 @@ class State:
     last_failure_n: int | None = None
     model: dict[str, Any] = field(default_factory=dict)  # the anthropic model as the Models API saw it
     next_floor: int = 0  # numbers below it are taken (by git refs the log does not know)
+    # Merges owed, oldest first: [base, commit, experiment] (the change from base to commit, the
+    # experiment it is), owed by a verdict until a merge of it starts or is refused. In the log,
+    # so a restart still owes them.
+    merges_owed: list[list] = field(default_factory=list)
     gaps: list[tuple[int, int]] = field(default_factory=list)  # event numbers repair could not keep
 
     # -- derived views (no state of their own) --
@@ -194,6 +201,8 @@ def apply(state: State, event) -> State:
                 state.adopted, state.baseline_n = p["commit"], None
             else:
                 state.best_commit = p["commit"]
+        elif t == "note" and kind == "merge_refused":
+            state.merges_owed = [m for m in state.merges_owed if m[1] != p.get("commit")]
         elif t == "note" and kind == "numbering":
             state.next_floor = max(state.next_floor, int(p.get("next_n", 0)))
         elif t == "note" and kind == "failure":
@@ -217,6 +226,9 @@ def apply(state: State, event) -> State:
         exp.proposer = p.get("proposer", "")
         exp.parents = list(p.get("parents") or [])
         exp.parent = p.get("parent", exp.parent)
+        exp.merging = list(p.get("merging") or [])
+        if exp.merging:
+            state.merges_owed = [m for m in state.merges_owed if m[1] != exp.merging[1]]
     elif t == "proposed":
         exp.description = p.get("description", "")
         exp.files = p.get("files")
@@ -271,6 +283,10 @@ def apply(state: State, event) -> State:
     elif t == "fail":
         exp.failed_runs += 1
         exp.reason = exp.failure = p.get("reason", "")
+    if p.get("merge") and t in ("keep", "discard"):  # before the best moves: a keep owes the best it replaced
+        owed = [exp.parent, state.best_commit, state.best_n] if t == "keep" else [exp.parent, exp.commit, n]
+        if owed[1]:
+            state.merges_owed.append(owed)
     if exp.terminal:
         exp.ended = event.time
         exp.reason = p.get("reason", exp.reason)

@@ -448,8 +448,10 @@ class Workspace:
                 out.append(None)
         return tuple(out)
 
-    def commit_matches(self, sha: str, files: Mapping[str, str], parent: str | None = None) -> bool:
-        """True if commit ``sha`` holds exactly ``files`` (and has ``parent``, if given).
+    def commit_matches(self, sha: str, files: Mapping[str, str], parent: str | None = None,
+                       parents: Sequence[str] = ()) -> bool:
+        """True if commit ``sha`` holds exactly ``files`` (and has ``parent``, then ``parents``
+        (a merge's, as for commit_files), if given).
 
         Compares git blob ids computed locally, so no content is read back.
         Used to reconcile a commit made just before the daemon died (its event
@@ -457,7 +459,7 @@ class Workspace:
         """
         try:
             commit = self.repo.commit(sha)
-            if parent is not None and [p.hexsha for p in commit.parents] != [parent]:
+            if parent is not None and [p.hexsha for p in commit.parents] != [parent, *parents]:
                 return False
             tree = commit.tree
         except (ValueError, git.BadName):  # no such commit

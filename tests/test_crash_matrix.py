@@ -15,9 +15,9 @@ tests/chaos_fixtures.check_invariants must find nothing.
 
 With slots (issue 12), a subset of the points is reached again with two experiments in flight
 (SLOT_POINTS: the second slot's launch, a run ending or judged while the other trains, the best
-moving under a running experiment, boot interrupting several, a skip of one of two, a
-stop with several in flight): each transition's code is the same with one slot or two, so the
-subset covers what differs, and the suite stays lean.
+moving under a running experiment, a merge (its start, commit and keep), boot interrupting
+several, a skip of one of two, a stop with several in flight): each transition's code is the
+same with one slot or two, so the subset covers what differs, and the suite stays lean.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from autoresearch.control import submit_request
 from autoresearch.machine import DAEMON_TRANSITIONS, EXPERIMENT_TRANSITIONS
 from autoresearch.state import fold
 
-from anthropic_fake import FakeAnthropic, text_reply, tweak_constant
+from anthropic_fake import FakeAnthropic, editor, finish, text_reply, tool_reply, tweak_constant
 from chaos_fixtures import (SCRIPTED_AGENT, ApiLog, check_invariants, exp_refs, git_killed_inside, kept_or_discarded,
                             refs_overwritten)
 from daemon_fixtures import REPO, cli, current, events, git, has_event, kill_runs, make_workspace, spawn_daemon, wait_for
@@ -193,6 +193,28 @@ def _slots_skip(case, point, trigger):
         return proc.wait(timeout=30)
 
 
+MERGE_EDITS = {1: ("LEARNING_RATE = 0.04", "LEARNING_RATE = 0.1", 0.0),  # the larger gain: kept first
+               2: ("WARMUP = 0.1", "WARMUP = 0.0", 1.5),  # beats its parent, not the moved best: merged
+               3: ("WIDTH = 64", "WIDTH = 32", 5.0)}  # slow: still proposing while the merge runs
+
+
+def _merge_replies(req):
+    """Experiments 1 and 2 change lines apart from the same parent; 2 answers later, so it is
+    judged after 1 is kept and its change is merged onto the new best (kind "merge")."""
+    n = int(re.search(r"^# Experiment (\d+)", req.text(0), re.M).group(1))
+    if n not in MERGE_EDITS:
+        return tweak_constant()(req)
+    old, new, delay = MERGE_EDITS[n]
+    time.sleep(delay)
+    return tool_reply(editor("str_replace", path="train.py", old_str=old, new_str=new), finish(f"{old} -> {new}"))
+
+
+def _merge(case, point, trigger):
+    assert case.run("--max-experiments", "0").returncode == 0
+    case.mode.write_text("sleep:1")
+    return case.run("--max-experiments", "4", crash=point).returncode
+
+
 def _prep_script(tmp: Path) -> str:
     script = tmp / "prepare.py"
     script.write_text("import pathlib, sys\nmarker = pathlib.Path(sys.argv[1])\n"
@@ -234,6 +256,7 @@ SCENARIOS = {
     "slots": ({"slots": {"count": 2}}, None, _slots),
     "slots_restart": ({"slots": {"count": 2}}, None, _slots_restart),
     "slots_skip": ({"slots": {"count": 2}}, None, _slots_skip),
+    "merge": ({"slots": {"count": 2, "lookahead": 0}}, _merge_replies, _merge),
 }
 
 # trigger -> (scenario, k: which occurrence in the killed process)
@@ -263,6 +286,9 @@ SLOT_POINTS = [
     ("slots_restart", "interrupt", 2),  # boot halfway through interrupting several
     ("slots_restart", "retry", 2),
     ("slots_skip", "skip", 1),
+    ("merge", "start", 4),  # the merge experiment's start: it has no proposer to ask again
+    ("merge", "commit", 3),
+    ("merge", "keep", 2),  # a kept merge moves the best
 ]
 
 
@@ -330,6 +356,15 @@ def _crash_case(tmp_path, name, point, trigger, window):
         recover(case)
         problems = check_invariants(case.root, case.api_log)
         assert problems == [], problems
+        if name == "merge":  # the merge owed to experiment 2 is neither lost nor stuck by the kill
+            if not any(e.kind == "merge" for e in fold(events(case.root)).experiments.values()):
+                # Owed, but the interrupted experiment took recover's one place: the next session.
+                assert case.run("--max-experiments", "1").returncode == 0
+                assert check_invariants(case.root, case.api_log) == []
+            st = fold(events(case.root))
+            merges = [e for e in st.experiments.values() if e.kind == "merge"]
+            assert [e.parents[-1] for e in merges] == [2], [(e.n, e.parents) for e in merges]
+            assert merges[0].state == "kept", (merges[0].state, merges[0].reason)
         print(f"{point} [{name}]: crash {t1 - t0:.1f}s, recover+check {time.monotonic() - t1:.1f}s")
     finally:
         case.close()

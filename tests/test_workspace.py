@@ -241,6 +241,10 @@ def test_file_hash_and_commit_matches(ws):
     assert not ws.commit_matches(sha, {"train.py": "LR = 0.2\n"}, parent=sha)
     assert not ws.commit_matches("0" * 40, {"train.py": "LR = 0.2\n"})
     assert ws.files_at(base) == {"train.py": TRAIN}
+    # A merge's commit has the merged experiment's commit as its second parent: matched with it.
+    merge = ws.commit_files({"train.py": "LR = 0.25\n"}, sha, "merge", parents=[base])
+    assert ws.commit_matches(merge, {"train.py": "LR = 0.25\n"}, parent=sha, parents=[base])
+    assert not ws.commit_matches(merge, {"train.py": "LR = 0.25\n"}, parent=sha)
 
 
 # ------------------------------------------------------------------ commit / rollback / refs
