@@ -719,7 +719,8 @@ class Coordinator:
                        killed=result.killed, metric=_finite_or_none(result.metric),
                        duration_s=round(result.duration_s, 3), log_tail=result.log_tail[-4000:],
                        failure=failure, sandbox=result.sandbox)
-        self._advance_all()
+        # Judged by this turn's _decide, once every result of this poll is recorded: advancing
+        # now would take a run whose result is next in the list for lost.
 
     def _start_evaluation(self, exp: Experiment) -> None:
         """The evaluation step, in a sandbox of its own: the run's checkout read-only, the human's

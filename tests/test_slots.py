@@ -258,3 +258,31 @@ def test_control_each_experiment_of_a_running_daemon(tmp_path, mode):
     first_b = order.index(b.n)
     assert a.n in order[first_b:]  # a's lines after b's launch: both in flight, each named its own
     assert check_invariants(root) == []
+
+
+# ---------------------------------------------------------------- two runs ending in one turn
+
+def test_runs_handed_out_by_one_poll_are_each_recorded_for_their_own_run(tmp_path):
+    """Both slots' runs end before the coordinator polls: each end is recorded for its own run,
+    and neither is taken for lost (interrupted, re-run, then given the first run's stale result
+    while the re-run went on in a slot marked free). Found by the 3-slot kill test above."""
+    from autoresearch.daemon import Daemon
+
+    root = make_workspace(tmp_path / "ws", slots={"count": 2, "lookahead": 0})
+
+    class Together(Daemon):
+        def _make_coordinator(self):
+            coordinator = super()._make_coordinator()
+            executor, poll = coordinator.executor, coordinator.executor.poll
+            # Hand out nothing while any run still runs: then every ended run at once.
+            executor.poll = lambda: [] if any(run.poll() is None for run, _ in executor._runs.values()) else poll()
+            return coordinator
+
+    assert Together(root, max_experiments=4).run() == 0
+    evs = events(root)
+    assert [e for e in evs if e.trigger == "interrupt"] == []
+    st = state(root)
+    for n in range(1, 5):
+        exp = st.experiments[n]
+        assert exp.runs == 1 and exp.state in ("kept", "discarded"), (n, exp.state, exp.runs, exp.reason)
+    assert check_invariants(root) == []
