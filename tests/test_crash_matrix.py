@@ -14,10 +14,10 @@ point until one more experiment is kept or discarded (or the caps say exhausted)
 tests/chaos_fixtures.check_invariants must find nothing.
 
 With slots (issue 12), a subset of the points is reached again with two experiments in flight
-(SLOT_POINTS: the second slot's launch, a run ending or judged while the other trains, the best
-moving under a running experiment, a merge (its start, commit and keep), boot interrupting
-several, a skip of one of two, a stop with several in flight): each transition's code is the
-same with one slot or two, so the subset covers what differs, and the suite stays lean.
+(SLOT_POINTS: the second slot's launch, a run judged and the best moving while the other
+trains, a merge (its start and its two-parent commit), boot interrupting several, a skip of
+one of two, a stop with several in flight): each transition's code is the same with one slot or
+two, so the subset covers what differs, and the suite stays lean.
 """
 
 from __future__ import annotations
@@ -156,10 +156,10 @@ def _requests(case, point, trigger):
 
 
 def _slots(case, point, trigger):
-    """Two slots, lookahead 1: the baseline in an earlier session, then 1 s runs that overlap
+    """Two slots, lookahead 1: the baseline in an earlier session, then 0.5 s runs that overlap
     (experiment 1 on slot 0, 2 on slot 1, 3 ready; the next ones start as slots free)."""
     assert case.run("--max-experiments", "0").returncode == 0
-    case.mode.write_text("sleep:1")
+    case.mode.write_text("sleep:0.5")
     return case.run("--max-experiments", "4", crash=point).returncode
 
 
@@ -170,7 +170,7 @@ def _slots_restart(case, point, trigger):
     case.mode.write_text("sleep:30")
     out = case.run("--max-experiments", "3", crash="post:launch@2")
     assert out.returncode == -signal.SIGKILL, f"setup kill not reached: {out.stderr[-1000:]}"
-    case.mode.write_text("sleep:1")
+    case.mode.write_text("sleep:0.5")
     return case.run("--max-experiments", "3", crash=point).returncode
 
 
@@ -193,25 +193,42 @@ def _slots_skip(case, point, trigger):
         return proc.wait(timeout=30)
 
 
-MERGE_EDITS = {1: ("LEARNING_RATE = 0.04", "LEARNING_RATE = 0.1", 0.0),  # the larger gain: kept first
-               2: ("WARMUP = 0.1", "WARMUP = 0.0", 1.5),  # beats its parent, not the moved best: merged
-               3: ("WIDTH = 64", "WIDTH = 32", 5.0)}  # slow: still proposing while the merge runs
+MERGE_EDITS = {1: ("LEARNING_RATE = 0.04", "LEARNING_RATE = 0.1"),  # the larger gain: kept first
+               2: ("WARMUP = 0.1", "WARMUP = 0.0"),  # beats its parent, not the moved best: merged
+               3: ("WIDTH = 64", "WIDTH = 32")}  # answers once the merge is committed
 
 
-def _merge_replies(req):
-    """Experiments 1 and 2 change lines apart from the same parent; 2 answers later, so it is
-    judged after 1 is kept and its change is merged onto the new best (kind "merge")."""
-    n = int(re.search(r"^# Experiment (\d+)", req.text(0), re.M).group(1))
-    if n not in MERGE_EDITS:
-        return tweak_constant()(req)
-    old, new, delay = MERGE_EDITS[n]
-    time.sleep(delay)
-    return tool_reply(editor("str_replace", path="train.py", old_str=old, new_str=new), finish(f"{old} -> {new}"))
+def _merge_replies(root: Path):
+    """Experiments 1 and 2 change lines apart from the same parent. Ordered by the log, not by
+    timing: 2 answers once 1 is kept (so 2 is judged against a best that moved, and its change
+    is merged onto it: kind "merge", experiment 4); 3 once the merge is committed (or 10 s)."""
+    asked = set()
+
+    def wait_logged(test, timeout):
+        end = time.monotonic() + timeout
+        while time.monotonic() < end and not any(test(e) for e in events(root)):
+            time.sleep(0.05)
+
+    def respond(req):
+        n = int(re.search(r"^# Experiment (\d+)", req.text(0), re.M).group(1))
+        if n not in MERGE_EDITS:
+            return tweak_constant()(req)
+        if n not in asked:  # asked again after a kill: at once
+            asked.add(n)
+            if n == 2:
+                wait_logged(lambda e: e.experiment == 1 and e.trigger == "keep", 30)
+            elif n == 3:
+                wait_logged(lambda e: e.experiment == 4 and e.trigger == "commit", 10)
+        old, new = MERGE_EDITS[n]
+        return tool_reply(editor("str_replace", path="train.py", old_str=old, new_str=new),
+                          finish(f"{old} -> {new}"))
+    return respond
 
 
 def _merge(case, point, trigger):
+    case.api_log.respond = _merge_replies(case.root)
     assert case.run("--max-experiments", "0").returncode == 0
-    case.mode.write_text("sleep:1")
+    case.mode.write_text("sleep:0.5")
     return case.run("--max-experiments", "4", crash=point).returncode
 
 
@@ -256,7 +273,7 @@ SCENARIOS = {
     "slots": ({"slots": {"count": 2}}, None, _slots),
     "slots_restart": ({"slots": {"count": 2}}, None, _slots_restart),
     "slots_skip": ({"slots": {"count": 2}}, None, _slots_skip),
-    "merge": ({"slots": {"count": 2, "lookahead": 0}}, _merge_replies, _merge),
+    "merge": ({"slots": {"count": 2, "lookahead": 0}}, tweak_constant(), _merge),  # its own replies
 }
 
 # trigger -> (scenario, k: which occurrence in the killed process)
@@ -278,17 +295,14 @@ REACHES = {
 # Two slots: (scenario, trigger, k), each in both windows.
 SLOT_POINTS = [
     ("slots", "launch", 2),  # the second slot's launch while the first trains
-    ("slots", "finish", 1),  # a run ends while the other trains
-    ("slots", "keep", 1),  # the best moves while another experiment trains
-    ("slots", "discard", 1),  # judged against a best that moved after it was proposed
-    ("slots", "start", 4),  # a new experiment while two train
+    ("slots", "keep", 1),  # a run ended and the best moves while another experiment trains
+    ("slots", "discard", 1),  # judged while another trains (against a best that may have moved)
     ("slots", "stop", 1),  # several in flight at the end of the session
     ("slots_restart", "interrupt", 2),  # boot halfway through interrupting several
     ("slots_restart", "retry", 2),
     ("slots_skip", "skip", 1),
     ("merge", "start", 4),  # the merge experiment's start: it has no proposer to ask again
-    ("merge", "commit", 3),
-    ("merge", "keep", 2),  # a kept merge moves the best
+    ("merge", "commit", 3),  # its commit has two parents (found by this matrix)
 ]
 
 
