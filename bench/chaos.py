@@ -1,6 +1,6 @@
 """Chaos runs against the real daemon process (issues 6 and 11).
 
-    python bench/chaos.py --kills 200 [--seed 1]     # random SIGKILL soak
+    python bench/chaos.py --kills 200 [--seed 1] [--slots 2]  # random SIGKILL soak
     python bench/chaos.py --damage 60 [--seed 1]     # damaged state: files, WAL, git, the lock
     python bench/chaos.py --outage 600               # the API unreachable for 600 s
 
@@ -8,7 +8,9 @@
 and SIGKILLed at a random instant, N times; after every kill the log must
 verify. Every 25 kills, and at the end, it is run to quiescence (one more
 experiment) and all invariants (tests/chaos_fixtures.py) are checked.
-Prints tried / survived / lost and where the kills landed.
+Prints tried / survived / lost and where the kills landed. With --slots K
+(K > 1), K experiments train at once (runs of 0.5 s, so that they overlap)
+and it also counts the kills that landed with several runs training.
 
 --damage N: N rounds, each one fault picked at random: delete `-wal` while the daemon runs
 then SIGKILL it (random instants), a plain SIGKILL, truncate the log file (1-3 pages), flip
@@ -88,17 +90,23 @@ def _boots(db: Path) -> int:
 
 
 def soak(workdir: Path, kills: int, seed: int = 1, max_delay: float = 1.0, check_every: int = 25,
-         startup_share: float = 0.1) -> dict:
+         startup_share: float = 0.1, slots: int = 1) -> dict:
     """Kill the daemon at random instants `kills` times; returns the figures (see module doc)."""
     rng = random.Random(seed)
-    root = make_workspace(Path(workdir) / "ws")
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    root = make_workspace(workdir / "ws", **({"slots": {"count": slots}} if slots > 1 else {}))
+    mode = workdir / "mode"  # several slots: runs long enough to overlap, so that kills find several training
+    mode.write_text("sleep:0.5" if slots > 1 else "")
+    env = {"AUTORESEARCH_TEST_MODE": str(mode)}
     landed: collections.Counter = collections.Counter()
+    training: collections.Counter = collections.Counter()  # runs training when the kill landed -> kills
     problems: list[str] = []
     survived = 0
     t0 = time.monotonic()
 
     def to_quiescence(label: str) -> None:
-        out = cli("run", str(root), "--max-experiments", "1", timeout=120)
+        out = cli("run", str(root), "--max-experiments", "1", env=env, timeout=120)
         if out.returncode != 0:
             problems.append(f"{label}: restart exited {out.returncode}: {out.stderr[-500:]}")
         problems.extend(f"{label}: {p}" for p in check_invariants(root))
@@ -107,7 +115,7 @@ def soak(workdir: Path, kills: int, seed: int = 1, max_delay: float = 1.0, check
     in_startup = 0
     for i in range(1, kills + 1):
         boots = _boots(db)
-        proc = spawn_daemon(root)
+        proc = spawn_daemon(root, env=env)
         if rng.random() < startup_share:  # anywhere from exec to the first steps
             in_startup += 1
             time.sleep(rng.uniform(0.0, 1.0))
@@ -126,6 +134,8 @@ def soak(workdir: Path, kills: int, seed: int = 1, max_delay: float = 1.0, check
         proc.wait(timeout=30)
         landed[_last_trigger(root)] += 1
         report = verify_path(db, anchors(root)) if db.exists() else None
+        if report is not None and report.ok:
+            training[sum(1 for e in fold(events(root)).in_flight() if e.state == "training")] += 1
         if report is None or report.ok:
             survived += 1
         else:
@@ -138,6 +148,7 @@ def soak(workdir: Path, kills: int, seed: int = 1, max_delay: float = 1.0, check
     lost = len(set(range(len(ns))) ^ set(ns)) + sum(1 for e in st.experiments.values() if not e.terminal)
     kill_runs(root)  # only matters when an invariant already failed
     return {"tried": kills, "in_startup": in_startup, "survived": survived, "lost": lost, "problems": problems,
+            "slots": slots, "training_at_kill": dict(sorted(training.items())),
             "experiments": len(exps), "counts": st.counts(), "events": st.seq, "boots": st.boots,
             "seconds": round(time.monotonic() - t0, 1), "landed": dict(landed.most_common())}
 
@@ -360,6 +371,7 @@ def main() -> int:
     ap.add_argument("--kills", type=int, help="SIGKILL the daemon at N random instants")
     ap.add_argument("--damage", type=int, metavar="N", help="N rounds of random damage (files, WAL, git, lock)")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--slots", type=int, default=1, help="--kills with this many experiments training at once")
     ap.add_argument("--outage", type=float, nargs="?", const=600.0,
                     help="make the API unreachable for SECONDS (default 600)")
     args = ap.parse_args()
@@ -369,10 +381,12 @@ def main() -> int:
     ok = True
     with tempfile.TemporaryDirectory() as tmp:
         if args.kills is not None:
-            r = soak(Path(tmp) / "soak", args.kills, args.seed)
-            print(f"soak: tried {r['tried']} ({r['in_startup']} during start-up), survived {r['survived']}, lost {r['lost']} "
-                  f"({r['seconds']} s; {r['experiments']} experiments {r['counts']}, {r['events']} events, "
-                  f"{r['boots']} boots)")
+            r = soak(Path(tmp) / "soak", args.kills, args.seed, slots=args.slots)
+            print(f"soak ({r['slots']} slot(s)): tried {r['tried']} ({r['in_startup']} during start-up), "
+                  f"survived {r['survived']}, lost {r['lost']} ({r['seconds']} s; {r['experiments']} experiments "
+                  f"{r['counts']}, {r['events']} events, {r['boots']} boots)")
+            print("  runs training when the kill landed -> kills: "
+                  + ", ".join(f"{k}: {v}" for k, v in r["training_at_kill"].items()))
             print("  kills landed after: " + ", ".join(f"{k} {v}" for k, v in r["landed"].items()))
             for p in r["problems"]:
                 print("  VIOLATION:", p)
