@@ -390,13 +390,16 @@ def test_every_trigger_has_a_scenario():
 
 
 def test_kill_between_git_commit_and_its_ref(tmp_path):
-    """Inside the commit step: HEAD already on the new commit, refs/autoresearch/exp/N not yet
-    set, the log still at `proposed` (a window the random soak found: no event separates them)."""
+    """Inside the commit step: the commit made (off the worktree, with git plumbing),
+    refs/autoresearch/exp/N not yet set, the log still at `proposed` (a window the random soak
+    found: no event separates them). The human's worktree never left the best."""
     case = Case(tmp_path, {})
     try:
         assert case.run("--max-experiments", "1", crash="pre:commit").returncode == -signal.SIGKILL
+        made = git(case.root, "rev-parse", "refs/autoresearch/exp/1")
         git(case.root, "update-ref", "-d", "refs/autoresearch/exp/1")  # back to before the ref
-        assert git(case.root, "rev-parse", "HEAD") != git(case.root, "rev-parse", "refs/autoresearch/best")
+        assert git(case.root, "cat-file", "-t", made) == "commit"
+        assert git(case.root, "rev-parse", "HEAD") == git(case.root, "rev-parse", "refs/autoresearch/best")
         recover(case)
         assert check_invariants(case.root) == []
     finally:
