@@ -6,7 +6,10 @@ Runs the real daemon (offline proposer, real git, real runs, durable event
 log) on a fixture whose train.py prints its metric at once, and reports, per
 experiment, the wall time from one experiment's `start` event to the next
 one's minus the run itself (the run's own duration as the runner measured
-it). That is propose + commit + launch + judge + rollback + bookkeeping.
+it). That is propose + commit + launch + judge + rollback + bookkeeping, less
+what the daemon overlaps with the run: with `[slots] lookahead = 1` (the
+default) the next proposal and its commit are made while a run trains, so
+over the whole run it is the wall time per experiment minus the run.
 
 Beside it, measured in the same run on the same disk: the bookkeeping of the original
 autoresearch loop done by hand, per experiment, in a copy of the same workspace: edit
@@ -111,7 +114,8 @@ def measure(events: list) -> tuple[list[float], list[float], dict[str, list[floa
             if e.trigger == "finish":
                 slot["run"] = e.payload["duration_s"]
     starts = sorted(n for n, s in by_n.items() if "start" in s)
-    overhead, phases = [], {"propose": [], "commit": [], "launch": [], "judge+rollback": []}
+    # Phases of one experiment; the next one's proposal and commit may overlap its run (lookahead).
+    overhead, phases = [], {"propose": [], "commit": [], "judge": [], "outcome -> next launch": []}
     for a, b in zip(starts, starts[1:]):
         s = by_n[a]
         if "run" not in s:
@@ -119,9 +123,10 @@ def measure(events: list) -> tuple[list[float], list[float], dict[str, list[floa
         overhead.append((by_n[b]["start"] - s["start"] - s["run"]) * 1000)
         phases["propose"].append((s["proposed"] - s["start"]) * 1000)
         phases["commit"].append((s["commit"] - s["proposed"]) * 1000)
-        phases["launch"].append((s["launch"] - s["commit"]) * 1000)
         end = s.get("keep") or s.get("discard") or s.get("crash")
-        phases["judge+rollback"].append((by_n[b]["start"] - end) * 1000)
+        phases["judge"].append((end - s["finish"]) * 1000)
+        if "launch" in by_n[b]:  # the worktree put back, the next run's checkout, its launch recorded
+            phases["outcome -> next launch"].append((by_n[b]["launch"] - end) * 1000)
     runs = [by_n[n]["run"] * 1000 for n in starts if "run" in by_n[n]]
     return overhead, runs, phases
 
