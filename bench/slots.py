@@ -18,6 +18,9 @@ slot) and from the workload's own last line (the wall clock just before it exits
   <= 100 ms with the proposal latency below the run time and lookahead = 1; with 1 slot, a
   3 s proposer and 5 s runs: <= 200 ms. Beside it, in the same run, lookahead = 0: a proposal
   is asked only once a run has ended, as the daemon did before slots (the gap is the proposal).
+- beside them, 4 slots with slower proposals (0.4 x the run, like 2 minutes on 5-minute runs)
+  with lookahead 1 and 2: slots free every run/count on average, so lookahead 1 hides a
+  proposal only up to run/count; lookahead >= count x proposal / run keeps every slot fed.
 - loop overhead per experiment: bench/loop.py's method (an instant workload, the offline
   proposer, start to next start minus the run), target <= 150 ms median.
 
@@ -187,9 +190,12 @@ def main() -> None:
     scale = [Config(f"{c} slot{'s' if c > 1 else ''}", c, 1, run_s, run_s / 10, rounds * c) for c in (1, 2, 4)]
     slow_cfgs = [Config(f"1 slot, {slow[0]:g} s proposer, lookahead {la}", 1, la, slow[1], slow[0], slow[2])
                  for la in (1, 0)]
+    # Slower proposals on 4 slots (0.4 x the run: 2 minutes on 5-minute runs): lookahead 1 and 2.
+    deep = [Config(f"4 slots, {0.4 * run_s:g} s proposer, lookahead {la}", 4, la, run_s, 0.4 * run_s,
+                   4 * max(2, rounds * 6 // 10)) for la in (1, 2)]
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        results = [run_config(cfg, Path(tmp)) for cfg in scale + slow_cfgs]
+        results = [run_config(cfg, Path(tmp)) for cfg in scale + slow_cfgs + deep]
         loop_root = make_workspace(Path(tmp) / "loop")
         loop_events, _ = loop_run(loop_root, 8 if args.quick else 40)
     overhead = loop_measure(loop_events)[0]
@@ -199,7 +205,7 @@ def main() -> None:
     one = results[0].per_minute
     for f in results:
         c = f.cfg
-        speedup = f"{f.per_minute / one:.2f}" if c in scale else ""
+        speedup = f"{f.per_minute / one:.2f}" if c.count > 1 or c in scale else ""
         print(f"{c.label + f', lookahead {c.lookahead}' * (c in scale):<36} {f.finished:>5} {c.run_s:>6g} "
               f"{c.latency_s:>7g} {f.per_minute:>8.1f} {speedup:>8} {median(f.gaps_ms):>10.0f} {p90(f.gaps_ms):>10.0f}")
     print("\nwhere a gap goes (median ms):")
@@ -230,6 +236,11 @@ def main() -> None:
     print(f"\n{'figure':<{width}}  {'measured':>9}  {'target':<10}  verdict")
     for name, measured, target, met in rows:
         print(f"{name:<{width}}  {measured:>9}  {target:<10}  {'' if met is None else verdict(met)}")
+    (l1, l2) = results[5:7]
+    print(f"\n4 slots, proposals {l1.cfg.latency_s:g} s (0.4 x the run): lookahead 1: "
+          f"{l1.per_minute / (4 * one):.2f} x 4 x 1 slot's throughput, gap median {median(l1.gaps_ms):.0f} ms; "
+          f"lookahead 2: {l2.per_minute / (4 * one):.2f} x, {median(l2.gaps_ms):.0f} ms\n"
+          f"(slots free every run/count on average: lookahead >= count x proposal / run keeps each one fed)")
     print(f"\n{time.perf_counter() - t0:.0f} s in all; load {os.getloadavg()[0]:.1f} at the end")
 
 

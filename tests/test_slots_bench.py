@@ -22,8 +22,10 @@ def test_slots_bench_quick_prints_its_figures():
         r"^(\d slots?, (?:lookahead 1|[\d.]+ s proposer, lookahead \d))\s+(\d+)\s+[\d.]+\s+[\d.]+\s+([\d.]+)"
         r"\s+(?:[\d.]+\s+)?(\d+)\s+(\d+)$", out, re.M)}
     assert sorted(rows) == ["1 slot, 0.4 s proposer, lookahead 0", "1 slot, 0.4 s proposer, lookahead 1",
-                            "1 slot, lookahead 1", "2 slots, lookahead 1", "4 slots, lookahead 1"], out
+                            "1 slot, lookahead 1", "2 slots, lookahead 1", "4 slots, 0.12 s proposer, lookahead 1",
+                            "4 slots, 0.12 s proposer, lookahead 2", "4 slots, lookahead 1"], out
     assert [rows[f"{c}, lookahead 1"][0] for c in ("1 slot", "2 slots", "4 slots")] == ["2", "4", "8"]
+    assert rows["4 slots, 0.12 s proposer, lookahead 2"][0] == "8"
     assert all(float(r[1]) > 0 for r in rows.values())
     # With lookahead 0 a proposal (0.4 s) is asked only once the run has ended: the gap holds it.
     assert int(rows["1 slot, 0.4 s proposer, lookahead 0"][2]) >= 400
@@ -35,3 +37,5 @@ def test_slots_bench_quick_prints_its_figures():
     assert sum(n.startswith("idle gap") for n in names) == 4
     assert names[-1].startswith("loop overhead per experiment")
     assert re.search(r"^  the same with lookahead 0 .*\s(\d+) ms\s*$", out, re.M)
+    assert re.search(r"^4 slots, proposals 0.12 s .*lookahead 1: [\d.]+ x .* (\d+) ms; lookahead 2: [\d.]+ x, (\d+) ms$",
+                     out, re.M), out
