@@ -159,6 +159,22 @@ class SlotsConfig:
 
 
 @dataclass(frozen=True)
+class ExecutorConfig:
+    """Where runs execute."""
+
+    kind: str = "local"  # local | ray (the `ray` extra: runs on a Ray cluster, see docs/CLUSTER.md)
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    """The Ray cluster runs go to, when [executor] kind = "ray"."""
+
+    address: str = "auto"  # as for ray.init: "auto", "ray://head:10001", "host:port", or "local" (start one here)
+    num_gpus: float = 1.0  # per run (a fraction shares a GPU)
+    accelerator_type: str = ""  # e.g. "H100": every run on one GPU model, so that budgets compare
+
+
+@dataclass(frozen=True)
 class WorkloadConfig:
     """Read by the built-in trainer; the daemon only checks that the profile never changes."""
 
@@ -201,6 +217,8 @@ class Config:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     sandbox: SandboxConfig = field(default_factory=SandboxConfig)
     slots: SlotsConfig = field(default_factory=SlotsConfig)
+    executor: ExecutorConfig = field(default_factory=ExecutorConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
     workload: WorkloadConfig = field(default_factory=WorkloadConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     notify: NotifyConfig = field(default_factory=NotifyConfig)
@@ -333,6 +351,10 @@ def _validate(cfg: Config) -> None:
             raise ConfigError(f"{CONFIG_NAME}: {path!r} is an evaluation file: it cannot be editable by the agent")
     if cfg.eval.files and not cfg.eval.command:
         raise ConfigError(f"{CONFIG_NAME}: eval.files needs eval.command")
+    if cfg.executor.kind not in ("local", "ray"):
+        raise ConfigError(f"{CONFIG_NAME}: executor.kind must be 'local' or 'ray', got {cfg.executor.kind!r}")
+    if not cfg.ray.address.strip():
+        raise ConfigError(f"{CONFIG_NAME}: ray.address must not be empty ('auto', 'local', 'ray://head:10001')")
     slots = cfg.slots
     if slots.count != "auto" and slots.count < 1:
         raise ConfigError(f"{CONFIG_NAME}: slots.count must be at least 1 (or 'auto'), got {slots.count}")
@@ -474,6 +496,10 @@ COMMENTS = {
                   "[] = the visible ones in turn (1 slot: all of them)",
     "slots.lookahead": "proposals prepared ahead, so that a freed slot launches at once",
     "slots.allow_mixed_gpus": "false: refuse slots on different GPU models (budgets would not compare)",
+    "executor.kind": "local (this machine) | ray (a Ray cluster: pip install 'autoresearch[ray]', docs/CLUSTER.md)",
+    "ray.address": "auto | ray://head:10001 | host:port | local (start a Ray instance here)",
+    "ray.num_gpus": "GPUs per run; 0 = one CPU run per node",
+    "ray.accelerator_type": "e.g. H100: every run on that GPU model ('' = any)",
     "workload.profile": "cpu | gpu; fixed for the life of the workspace",
     "eval.command": "run after each run, checkout read-only; the metric comes from its output; '' = none "
                     "(built-in workload: its own evaluator)",

@@ -32,7 +32,8 @@ import structlog
 
 from . import config as config_mod, gpus, sandbox
 from .clock import parse_utc, utc_iso
-from .executor import LocalExecutor, RunSpec
+from . import executor as executor_mod
+from .executor import RunSpec
 from .judge import Verdict, judge, run_failure
 from .machine import LEGAL
 from .proposers.base import InFlight, NoEdit, Proposal, ProposerAuthError, ProposerUnavailable
@@ -99,10 +100,11 @@ class Stop(Exception):
 class Coordinator:
     def __init__(self, daemon: "Daemon", slots: int, slot_gpus: list[str | None], visible: list):
         self.d = daemon
-        self.slots = slots
-        self.slot_gpus = slot_gpus  # slot k -> its CUDA_VISIBLE_DEVICES (None: as the daemon's)
-        self.visible = visible  # the GPUs nvidia-smi shows (gpus.visible)
-        self.executor = LocalExecutor(slots, wake=daemon.wake)
+        self.remote = daemon.cfg.executor.kind != "local"  # runs elsewhere: the executor places them
+        self.slot_gpus = [] if self.remote else slot_gpus  # slot k -> its CUDA_VISIBLE_DEVICES (None: as the daemon's)
+        self.visible = [] if self.remote else visible  # the GPUs nvidia-smi shows (gpus.visible)
+        # With kind = "ray" the slots are what the cluster offers (executor.slots, as nodes come and go).
+        self.executor = executor_mod.make(daemon.cfg, slots, wake=daemon.wake, prepare=self._prepare_job())
         self.pool = ProposalPool(lambda kind: daemon.make_proposer(daemon.cfg), wake=daemon.wake)  # the configured one
         self._slot_runs: dict[int, Any] = {}  # slot -> executor key while a process uses its checkout
         self._asked: dict[int, tuple[str, dict[str, bytes], Any]] = {}  # n -> (parent, human files, ctx)
@@ -118,6 +120,17 @@ class Coordinator:
         self._worktree_stale = False  # the human's worktree is to go back to the best (deferred while an agent edits it)
         self._changes: dict[int, str] = {}  # experiment -> prompt.change_summary (cache)
         self._fingerprints: dict[tuple, tuple | None] = {}  # (commit, editable) -> blob ids (cache)
+
+    @property
+    def slots(self) -> int:
+        return self.executor.slots
+
+    def _prepare_job(self) -> tuple[list[str], dict[str, bytes], dict[str, str]]:
+        """run.prepare_command as a remote executor runs it on each node: with the human's files
+        (the workload reads its profile from autoresearch.toml) and the runs' environment."""
+        if self.d.cfg.executor.kind == "local":
+            return [], {}, {}
+        return list(self.d.cfg.run.prepare_argv), self.d.human_files(), self.d.run_env()
 
     # ------------------------------------------------------------------ shared with the shell
     @property
@@ -146,6 +159,8 @@ class Coordinator:
         self._apply_skips()  # first: a skipped run's end (killed by the skip) is not recorded as its outcome
         for key, result in self.executor.poll():
             self._run_ended(key, result)
+        for note in getattr(self.executor, "notes", list)():  # a remote executor's verdicts on its nodes
+            self.machines.daemon.fire("note", kind="node", **note)
         for n, outcome in self.pool.done():
             self._proposal_ready(n, outcome)
         for n, outcome in self.pool.dropped():  # answered after a skip or a stop: its tokens still count
@@ -338,7 +353,7 @@ class Coordinator:
 
     def _prepare(self) -> None:
         argv = self.cfg.run.prepare_argv
-        if argv and not self.prepared:  # once per start; again only after it failed or was cut short
+        if argv and not self.prepared and not self.executor.prepares_nodes:  # once per start; again only after it failed or was cut short
             if PREPARE in self.executor.running() or self.executor.capacity() <= 0:
                 return
             self.d.notifier.extend_timeout(int((self.cfg.run.hard_deadline + 30) * 1e6))
@@ -672,6 +687,9 @@ class Coordinator:
 
     def _device(self, gpu: str | None) -> dict:
         """Where a run on this slot runs, for its events (runs on different GPU models do not compare)."""
+        if self.remote:  # the node and its GPUs are known when the run ends: the finish's `node`
+            r = self.cfg.ray
+            return {"kind": "ray", "num_gpus": r.num_gpus, "accelerator_type": r.accelerator_type or None}
         if gpu is not None:
             found = gpus.find(self.visible, gpu)
             return gpus.device_of(found) if found is not None else {"kind": "cuda", "id": gpu}
@@ -696,6 +714,11 @@ class Coordinator:
             kill_tagged(self.d.run_tag(key))  # whatever of it escaped its process group
             return
         model = self._exp_model(exp)
+        if result.lost:  # its node or worker died: not the experiment's fault; it runs again
+            model.fire("interrupt", reason=result.lost, graceful=True, node=result.where or None)
+            self._advance_all()
+            return
+        node = {"node": result.where} if result.where else {}
         if exp.state == "training":
             evaluated = self.d.eval_argv() is not None and not run_failure(
                 {"exit_code": result.exit_code, "signal": result.signal, "timed_out": result.timed_out,
@@ -705,7 +728,7 @@ class Coordinator:
                        metric_text=None if result.metric is None else repr(result.metric),
                        memory_gb=result.memory_gb, duration_s=round(result.duration_s, 3),
                        log_tail=result.log_tail[-4000:], log_truncated=result.log_truncated,
-                       sandbox=result.sandbox)
+                       sandbox=result.sandbox, **node)
         else:  # evaluating
             failure = run_failure({"exit_code": result.exit_code, "signal": result.signal,
                                    "timed_out": result.timed_out, "killed": result.killed,
@@ -718,7 +741,7 @@ class Coordinator:
             model.fire("evaluated", exit_code=result.exit_code, signal=result.signal, timed_out=result.timed_out,
                        killed=result.killed, metric=_finite_or_none(result.metric),
                        duration_s=round(result.duration_s, 3), log_tail=result.log_tail[-4000:],
-                       failure=failure, sandbox=result.sandbox)
+                       failure=failure, sandbox=result.sandbox, **node)
         # Judged by this turn's _decide, once every result of this poll is recorded: advancing
         # now would take a run whose result is next in the list for lost.
 

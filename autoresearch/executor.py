@@ -93,6 +93,8 @@ class Executor(Protocol):
 class LocalExecutor:
     """Runs on this machine, each a ``runner.Run``: at most ``slots`` at once."""
 
+    prepares_nodes = False  # run.prepare_command is the coordinator's to run (RayExecutor: per node)
+
     def __init__(self, slots: int, wake: threading.Event | None = None) -> None:
         if slots < 1:
             raise ValueError(f"slots must be at least 1, not {slots}")
@@ -146,3 +148,19 @@ class LocalExecutor:
             if not self._runs or time.monotonic() >= end:
                 return results
             time.sleep(0.01)
+
+
+def make(cfg, slots: int, wake: threading.Event | None = None,
+         prepare: tuple[list[str], dict[str, bytes], dict[str, str]] = ([], {}, {})) -> Executor:
+    """The executor ``[executor] kind`` names: ``LocalExecutor(slots)``, or a ``RayExecutor``
+    (imported only then: a daemon without the ``ray`` extra never imports Ray), whose slots are
+    what the cluster offers. ``prepare``: run.prepare_command, the files it runs among and its
+    environment, for a RayExecutor to run once on each node."""
+    if cfg.executor.kind == "ray":
+        try:
+            from .ray_executor import RayExecutor
+        except ImportError as exc:
+            from .errors import ConfigError
+            raise ConfigError(f"executor.kind = 'ray' needs Ray: pip install 'autoresearch[ray]' ({exc})") from None
+        return RayExecutor(cfg.ray, wake, prepare=prepare)
+    return LocalExecutor(slots, wake=wake)

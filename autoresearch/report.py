@@ -68,6 +68,16 @@ def _run_clock(exp: Experiment, runs: Mapping[int, tuple[float, str]], budget: f
     return text + (f" {shown}" if shown else "")
 
 
+def _nodes_word(nodes: Mapping[str, dict]) -> str:
+    """A remote executor's nodes: how many are used (their slots), and why the others are not."""
+    usable = [v for v in nodes.values() if v.get("usable")]
+    out = f"nodes: {len(usable)} usable ({sum(v.get('slots') or 0 for v in usable)} slots)"
+    refused = [v for v in nodes.values() if not v.get("usable") and v.get("reason") != "node left the cluster"]
+    if refused:
+        out += f", {len(refused)} refused (" + "; ".join(f"{v.get('ip')}: {v.get('reason')}" for v in refused[:3]) + ")"
+    return out
+
+
 def status_line(state: State, runs: Mapping[int, tuple[float, str]] | None = None,
                 budget: float | None = None) -> str:
     """One line for sd_notify STATUS= and `autoresearch status`.
@@ -94,6 +104,8 @@ def status_line(state: State, runs: Mapping[int, tuple[float, str]] | None = Non
         parts.append(f"{len(live)} in flight: " + ", ".join(_exp_word(e) + _run_clock(e, short, budget)
                                                              for e in live))
     parts.append(f"best {fmt_metric(state.best_metric)}")
+    if state.nodes:
+        parts.append(_nodes_word(state.nodes))
     counts = state.counts()
     parts.append(f"{counts['kept']} kept / {sum(counts.values())}")
     if state.cost_usd or state.cost_unknown:

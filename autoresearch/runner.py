@@ -450,6 +450,10 @@ class RunResult:
     log_tail: str
     log_truncated: bool
     sandbox: dict = field(default_factory=dict)
+    where: dict = field(default_factory=dict)  # a remote run: node id, address, GPU ids ({} here)
+    # Why the run's result never came (its node or worker died, the head became unreachable):
+    # not the run's fault, so the experiment is interrupted and run again, not judged.
+    lost: str = ""
 
     @property
     def ok(self) -> bool:

@@ -111,6 +111,8 @@ class State:
     # so a restart still owes them.
     merges_owed: list[list] = field(default_factory=list)
     gaps: list[tuple[int, int]] = field(default_factory=list)  # event numbers repair could not keep
+    # A remote executor's nodes, by id, as its last `note` (kind = node) says: usable or why not.
+    nodes: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     # -- derived views (no state of their own) --
 
@@ -203,6 +205,8 @@ def apply(state: State, event) -> State:
                 state.best_commit = p["commit"]
         elif t == "note" and kind == "merge_refused":
             state.merges_owed = [m for m in state.merges_owed if m[1] != p.get("commit")]
+        elif t == "note" and kind == "node":
+            state.nodes[p["node"]] = {k: p.get(k) for k in ("ip", "usable", "slots", "reason")}
         elif t == "note" and kind == "numbering":
             state.next_floor = max(state.next_floor, int(p.get("next_n", 0)))
         elif t == "note" and kind == "failure":
