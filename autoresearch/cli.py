@@ -332,6 +332,7 @@ def cmd_status(args) -> int:
             "best_metric": state.best_metric, "best_commit": state.best_commit, "counts": state.counts(),
             "cost_usd": state.cost_usd, "cost_unknown": state.cost_unknown, "usage": state.usage,
             "model": state.model or None, "events": state.seq,
+            "nodes": state.nodes or None,  # a Ray executor's nodes: usable or why not
             "sandbox": None if last_sandbox(state) is None else last_sandbox(state).sandbox,
             "requests": requests}, indent=2))
         return 0

@@ -62,6 +62,7 @@ CHUNK_BYTES = 1 << 20  # log bytes per streamed message at most
 DAEMON_GRACE_S = 30.0  # past deadline + this, the daemon cancels the task itself (force)
 START_TIMEOUT_S = 600.0  # a task not started by then is given up as lost
 NODES_EVERY_S = 2.0  # how often the node list is read again
+RECHECK_AFTER_S = 10.0  # a node that lost a run but still shows as alive is checked again after this
 # Names that describe the machine, not the run: a worker keeps its own.
 _MACHINE_ENV = {"PATH", "HOME", "USER", "LOGNAME", "SHELL", "TMPDIR", "PYTHONPATH", "VIRTUAL_ENV",
                 "CONDA_PREFIX", "LD_LIBRARY_PATH", "CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER",
@@ -236,7 +237,8 @@ class _Node:
     id: str
     ip: str
     slots: int
-    state: str = "checking"  # checking | ready | refused | gone
+    state: str = "checking"  # checking | ready | refused | lost (a run was lost there) | gone
+    since: float = 0.0  # when it became lost
     why: str = ""
     check: object = None  # the pending check's ObjectRef
 
@@ -403,22 +405,35 @@ class RayExecutor:
             if not n.get("Alive"):
                 continue
             alive.add(nid)
-            if nid in self._nodes and self._nodes[nid].state != "gone":
-                continue
-            slots = self._slots_of(n.get("Resources", {}))
-            if slots <= 0:
-                continue  # offers nothing a run asks for (the head of a GPU cluster, say)
-            node = _Node(nid, n.get("NodeManagerAddress", ""), slots)
-            argv, files, env = self._prepare
-            node.check = self._check.options(
-                num_cpus=0, max_retries=0,
-                scheduling_strategy=NodeAffinitySchedulingStrategy(nid, soft=False)).remote(argv, files, env)
-            self._nodes[nid] = node
+            node = self._nodes.get(nid)
+            if node is None:
+                slots = self._slots_of(n.get("Resources", {}))
+                if slots <= 0:
+                    continue  # offers nothing a run asks for (the head of a GPU cluster, say)
+                node = self._nodes[nid] = _Node(nid, n.get("NodeManagerAddress", ""), slots)
+                self._start_check(node)
+            elif node.state == "lost" and now - node.since >= RECHECK_AFTER_S:
+                self._start_check(node)  # still there after all (a worker died, not the node)
         for node in self._nodes.values():
             if node.id not in alive and node.state != "gone":
                 node.state, node.check = "gone", None
                 self._notes.append({"node": node.id, "ip": node.ip, "usable": False, "reason": "node left the cluster"})
         self._take_checks()
+
+    def _start_check(self, node: _Node) -> None:
+        argv, files, env = self._prepare
+        node.state = "checking"
+        node.check = self._check.options(
+            num_cpus=0, max_retries=0,
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node.id, soft=False)).remote(argv, files, env)
+
+    def _lost_on(self, node_id: str) -> None:
+        """A run was lost there: no run goes to that node until it shows it is alive (checked again)."""
+        node = self._nodes.get(node_id)
+        if node is not None and node.state == "ready":
+            node.state, node.since = "lost", time.monotonic()
+            self._notes.append({"node": node.id, "ip": node.ip, "usable": False, "slots": node.slots,
+                                "reason": "a run was lost there; checked again if it stays in the cluster"})
 
     def _take_checks(self) -> None:
         pending = [n for n in self._nodes.values() if n.state == "checking" and n.check is not None]
@@ -514,11 +529,8 @@ class RayExecutor:
         self._runs[key] = _Remote(key, spec, node, gen, info, self._wake, self._grace_s)
 
     def poll(self) -> list[tuple[Hashable, RunResult]]:
+        done = self._poll_results()
         self._refresh()
-        done = [(key, r.result) for key, r in self._runs.items() if r.result is not None]
-        for key, _ in done:
-            self._runs[key].thread.join(1.0)
-            del self._runs[key]
         return done
 
     def cancel(self, key: Hashable, reason: str) -> None:
@@ -559,6 +571,9 @@ class RayExecutor:
 
     def _poll_results(self) -> list[tuple[Hashable, RunResult]]:
         done = [(key, r.result) for key, r in self._runs.items() if r.result is not None]
-        for key, _ in done:
+        for key, result in done:
+            if result.lost:
+                self._lost_on(self._runs[key].node)
+            self._runs[key].thread.join(1.0)
             del self._runs[key]
         return done

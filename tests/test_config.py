@@ -33,6 +33,10 @@ def test_render_round_trips_and_defaults():
     ('[proposer]\nkind = "command"', "needs command.argv"),
     ('[sandbox]\nmode = "docker"', "sandbox.mode must be"),
     ("[judge]\nsimplicity = 1", "must be true or false"),
+    ('[executor]\nkind = "slurm"', "executor.kind must be 'local' or 'ray'"),
+    ('[ray]\naddress = ""', "ray.address must not be empty"),
+    ("[ray]\nnum_gpus = -1", "ray.num_gpus must not be negative"),
+    ('[ray]\nhead = "x"', "unknown key ray.head"),
 ])
 def test_bad_config_is_one_clear_line(text, message):
     with pytest.raises(ConfigError) as info:

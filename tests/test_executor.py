@@ -222,3 +222,24 @@ def test_wake_is_set_when_a_run_ends(tmp_path):
 def test_a_spec_crosses_a_process_boundary(tmp_path):
     s = spec(tmp_path, "p", REPORT, "0", mode="auto", gpu="1", tag="ws.9")
     assert pickle.loads(pickle.dumps(s)) == s
+
+
+def test_the_daemon_never_imports_ray_unless_asked(tmp_path):
+    """kind = "local": nothing on the daemon's path imports Ray; kind = "ray" without Ray
+    installed: one line saying what to install."""
+    code = textwrap.dedent("""
+        import sys
+        sys.modules["ray"] = None  # as if the extra were not installed: `import ray` fails
+        from autoresearch import cli, coordinator, daemon, executor
+        from autoresearch.config import parse
+        assert isinstance(executor.make(parse("[run]\\ncommand = 'true'\\n"), 2), executor.LocalExecutor)
+        try:
+            executor.make(parse("[run]\\ncommand = 'true'\\n[executor]\\nkind = 'ray'\\n"), 2)
+        except Exception as exc:
+            print(type(exc).__name__, exc)
+    """)
+    import subprocess
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("ConfigError executor.kind = 'ray' needs Ray: pip install 'autoresearch[ray]'")
+    assert len(out.stdout.strip().splitlines()) == 1
