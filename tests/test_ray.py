@@ -279,3 +279,62 @@ def test_a_node_whose_preparation_fails_is_reported_and_not_used(tmp_path, monke
     assert ok["error"] == "" and ok["prepared"] == "now"
     again = check_node(["python", "-c", "open('seen', 'w').write('1')"], {"autoresearch.toml": b""}, {})
     assert again["prepared"] == "cached"
+
+
+def _tagged(tag: str) -> list[int]:
+    needle = f"AUTORESEARCH_RUN_TAG={tag}\0".encode()
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/environ", "rb") as f:
+                    if needle in f.read() + b"\0":
+                        out.append(int(entry))
+            except OSError:
+                pass
+    return out
+
+
+def test_the_daemon_side_deadline_ends_a_run_whose_worker_does_not(cluster, tmp_path):
+    """The worker's own deadline cannot act (its process is stopped): past deadline + grace the
+    executor cancels the task with force, Ray kills the worker, and the sandbox (bubblewrap's
+    --die-with-parent) takes the run with it."""
+    from autoresearch import sandbox as sandbox_mod
+    if sandbox_mod.bwrap_usable()[0] is None:
+        pytest.skip("needs bubblewrap")
+    checkout = tmp_path / "c"
+    checkout.mkdir()
+    (checkout / "train.py").write_text("import time\nprint('hanging', flush=True)\ntime.sleep(600)\n")
+    tag = f"raytest.{os.getpid()}.{time.monotonic_ns()}"
+    wake = threading.Event()
+    ex = RayExecutor(RayConfig(address=cluster.address), wake, grace_s=0.5)
+    try:
+        ex.settle()
+        spec = RunSpec(argv=("python", "train.py"), cwd=str(checkout), log_path=str(tmp_path / "run.log"),
+                       deadline_s=1.0, log_max_bytes=1 << 20, sandbox=SandboxConfig(mode="auto"), layout=None,
+                       metric_regex=r"^val_bpb:\s*(\S+)", memory_regex=None, env=dict(os.environ), tag=tag)
+        t0 = time.monotonic()
+        ex.submit("h", spec)
+        wait_for(lambda: "hanging" in Path(spec.log_path).read_text() if Path(spec.log_path).exists() else False,
+                 timeout=60)
+        run_pid = wait_for(lambda: _tagged(tag), timeout=10)[0]
+        worker = run_pid
+        for _ in range(8):  # up to the Ray worker (whose parent is a raylet)
+            parent = int(open(f"/proc/{worker}/stat").read().rsplit(")", 1)[1].split()[1])
+            if "raylet" in open(f"/proc/{parent}/cmdline").read():
+                break
+            worker = parent
+        os.kill(worker, signal.SIGSTOP)  # its runner's deadline can no longer act
+        done = []
+        while not done and time.monotonic() - t0 < 60:
+            wake.wait(0.5)
+            wake.clear()
+            done += ex.poll()
+        assert done, "the executor never ended the run"
+        result = done[0][1]
+        assert result.killed == "deadline" and result.timed_out and not result.lost
+        assert 1.0 + 3.0 + 0.5 <= time.monotonic() - t0 < 30  # deadline + the runner's grace + ours
+        assert "hanging" in result.log_tail
+        wait_for(lambda: not _tagged(tag), timeout=15)  # the run went with its worker
+    finally:
+        ex.shutdown("test over", timeout=5)
