@@ -179,6 +179,7 @@ def apply(state: State, event) -> State:
         if t == "boot":
             state.boots += 1
             state.daemon_error = ""
+            state.nodes = {}  # each start checks the cluster's nodes afresh
             state.profile = p.get("profile") or state.profile
             state.program_hash = p.get("program_hash") or state.program_hash
             state.branch = p.get("branch") or state.branch

@@ -1,6 +1,6 @@
 """Dispatch overhead and throughput of the Ray executor, against the local one in the same run.
 
-    python bench/ray.py [--runs 12] [--seconds 2]      (as root: it makes a network namespace)
+    python bench/ray.py [--runs 24] [--seconds 2]      (as root: it makes a network namespace)
 
 A local Ray cluster (ray.cluster_utils.Cluster: a head and two worker nodes with 2 logical GPUs
 each) in a network namespace of its own with only loopback, driven through the executors as the
@@ -108,7 +108,7 @@ def _drive(ex, wake: threading.Event, specs: list[tuple[str, RunSpec]], parallel
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--runs", type=int, default=12, help="runs in the throughput part (a multiple of 4)")
+    ap.add_argument("--runs", type=int, default=24, help="runs in the throughput part (a multiple of 4)")
     ap.add_argument("--seconds", type=float, default=2.0, help="each run's fixed work time")
     ap.add_argument("--overhead-runs", type=int, default=10, help="runs per executor for the overhead medians")
     ap.add_argument("--sandbox", default="auto", help="sandbox.mode of the runs (auto | off)")
