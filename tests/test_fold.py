@@ -103,3 +103,26 @@ def test_a_failed_append_leaves_the_state_unchanged():
     with pytest.raises(OSError):
         m.daemon.fire("boot")
     assert m.daemon.state == "stopped"
+
+
+def test_node_notes_fold_into_state_and_a_boot_forgets_them():
+    """A Ray executor's verdicts on nodes (note kind=node): the last per node; a new start checks afresh."""
+    def ev(seq, trigger, source, dest, payload):
+        return Event(seq, f"2026-01-01T00:00:{seq:02d}.000000Z", "daemon", trigger, source, dest, payload, f"h{seq}")
+
+    st = fold([
+        ev(1, "boot", "stopped", "starting", {}),
+        ev(2, "note", "starting", "starting", {"kind": "node", "node": "a", "ip": "10.0.0.1", "usable": True, "slots": 2}),
+        ev(3, "note", "starting", "starting", {"kind": "node", "node": "b", "ip": "10.0.0.2", "usable": False,
+                                               "slots": 2, "reason": "autoresearch 0.0.9 on the node, 0.1.0 here"}),
+        ev(4, "note", "starting", "starting", {"kind": "node", "node": "a", "ip": "10.0.0.1", "usable": False,
+                                               "slots": 2, "reason": "node left the cluster"}),
+    ])
+    assert st.nodes == {"a": {"ip": "10.0.0.1", "usable": False, "slots": 2, "reason": "node left the cluster"},
+                        "b": {"ip": "10.0.0.2", "usable": False, "slots": 2,
+                              "reason": "autoresearch 0.0.9 on the node, 0.1.0 here"}}
+    from autoresearch.report import status_line
+    assert "nodes: 0 usable (0 slots), 1 refused (10.0.0.2: autoresearch 0.0.9 on the node" in status_line(st)
+    st = fold([ev(1, "boot", "stopped", "starting", {}), ev(2, "note", "starting", "starting",
+              {"kind": "node", "node": "a", "usable": True, "slots": 2}), ev(3, "boot", "stopped", "starting", {})])
+    assert st.nodes == {}
