@@ -218,6 +218,21 @@ def test_skip_reaches_a_remote_run(cluster, tmp_path, mode):
     wait_for(lambda: tagged_processes(root) == [], timeout=10)  # the worker killed the run
 
 
+def test_the_evaluation_step_reads_what_the_remote_training_run_left(cluster, tmp_path):
+    """A training run's checkout comes back when it ends: the evaluation step (remote too) reads its outputs."""
+    train = TRAIN.replace('print(f"val_bpb:', 'open("figure.txt", "w").write(f"{1.0 + loss:.6f}")\nprint(f"val_bpb:')
+    evaluate = "import pathlib; print('val_bpb: ' + pathlib.Path('figure.txt').read_text())"
+    root = _ray_workspace(tmp_path / "ws", cluster.address, eval={"command": f'python -c "{evaluate}"'})
+    _commit_train(root, train)
+    out = cli("run", str(root), "--max-experiments", "1", timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    st = state(root)
+    assert st.experiments[0].state == "kept" and st.experiments[1].terminal
+    evaluated = [e.payload for e in events(root) if e.trigger == "evaluated"]
+    assert len(evaluated) == 2 and all(p["failure"] in (None, "") and p["node"]["node_id"] for p in evaluated)
+    assert evaluated[0]["metric"] == st.experiments[0].metric  # the figure the training run wrote
+
+
 def _exp_state(root: Path, n: int) -> str | None:
     if not (root / ".autoresearch" / "events.sqlite").exists():
         return None
