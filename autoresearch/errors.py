@@ -28,7 +28,8 @@ class Exit(enum.IntEnum):
 
 MEANING = {
     Exit.OK: "done",
-    Exit.FAILED: "an unexpected failure (a bug): a traceback, or daemon.log, says where",
+    Exit.FAILED: "an unexpected failure (a bug): a traceback, or daemon.log, says where; or `run` "
+                 "finding no Ray cluster at ray.address (a restart may find it)",
     Exit.USAGE: "a mistake in what was asked: a bad option, a directory that is not a workspace, "
                 "an invalid autoresearch.toml, or something that does not exist (yet): an unknown "
                 "experiment, a workspace where the daemon never ran, nothing finished to plot; or an event "
@@ -88,6 +89,13 @@ class SystemRefusedError(UserError):
     a `-wal` deleted under the daemon. Never answered with advice to repair."""
 
     exit_code = Exit.SYSTEM
+
+
+class ClusterUnreachableError(UserError):
+    """[executor] kind = "ray" and nothing answers at ray.address: one line, and the exit status of
+    a failure, so that systemd starts the daemon again (the head may be back by then)."""
+
+    exit_code = Exit.FAILED
 
 
 class DeclinedError(UserError):

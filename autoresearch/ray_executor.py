@@ -39,6 +39,7 @@ import io
 import math
 import os
 import shutil
+import socket
 import sys
 import tarfile
 import tempfile
@@ -52,6 +53,7 @@ import ray.exceptions as rex
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from . import __version__, sandbox
+from .errors import ClusterUnreachableError
 from .config import RayConfig
 from .executor import RunInfo, RunSpec
 from .runner import GRACE_S, RECORDED_TAIL_CHARS, Run, RunResult, parse_metric
@@ -232,6 +234,22 @@ def sandbox_off():
 
 
 # ---------------------------------------------------------------------- on the daemon
+def _probe(address: str, timeout: float = 5.0) -> None:
+    """An explicit head address must answer (ray.init would retry it for minutes, silently)."""
+    if address in ("auto", "local"):
+        return  # Ray finds (or starts) the cluster on this machine itself, and says so quickly
+    hostport = address.split("://", 1)[-1].rstrip("/")
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise ClusterUnreachableError(f"ray.address {address!r}: expected 'auto', 'local', 'HOST:PORT' "
+                                      "or 'ray://HOST:PORT'")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise ClusterUnreachableError(f"ray.address {address!r}: nothing answers at {hostport} "
+                                      f"({exc.strerror or exc})") from None
+
+
 @dataclasses.dataclass
 class _Node:
     id: str
@@ -370,8 +388,14 @@ class RayExecutor:
         self._closed = False
         self._looked = 0.0
         if not ray.is_initialized():
-            ray.init(address=cfg.address, namespace="autoresearch", log_to_driver=False,
-                     logging_level="WARNING", configure_logging=False)
+            _probe(cfg.address)
+            try:
+                ray.init(address=cfg.address, namespace="autoresearch", log_to_driver=False,
+                         logging_level="WARNING", configure_logging=False)
+            except (ConnectionError, TimeoutError, RuntimeError) as exc:
+                detail = str(exc).strip().splitlines()
+                raise ClusterUnreachableError(f"ray.address {cfg.address!r}: cannot connect: "
+                                              f"{detail[0] if detail else type(exc).__name__}") from None
         self._task = ray.remote(remote_run)
         self._task_options = dict(num_returns="streaming", max_retries=0, num_gpus=cfg.num_gpus,
                                   num_cpus=0 if cfg.num_gpus else 1)

@@ -353,3 +353,17 @@ def test_the_daemon_side_deadline_ends_a_run_whose_worker_does_not(cluster, tmp_
         wait_for(lambda: not _tagged(tag), timeout=15)  # the run went with its worker
     finally:
         ex.shutdown("test over", timeout=5)
+
+
+def test_an_unreachable_head_is_one_line_and_a_failure_systemd_restarts(netns, tmp_path):
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()  # nothing listens there now
+    root = _ray_workspace(tmp_path / "ws", f"127.0.0.1:{port}")
+    t0 = time.monotonic()
+    out = cli("run", str(root), "--max-experiments", "1", timeout=60)
+    assert out.returncode == 1  # Exit.FAILED: not in RestartPreventExitStatus, the head may come back
+    assert out.stderr.strip().splitlines()[-1].endswith(
+        f"ray.address '127.0.0.1:{port}': nothing answers at 127.0.0.1:{port} (Connection refused)")
+    assert "Traceback" not in out.stderr and time.monotonic() - t0 < 30
