@@ -69,6 +69,9 @@ class RunInfo:
 
 
 class Executor(Protocol):
+    slots: int  # runs it takes at once (a remote executor's changes as its nodes come and go)
+    prepares_nodes: bool  # True: it runs run.prepare_command on each node itself (the caller must not)
+
     def capacity(self) -> int:
         """How many more runs ``submit`` accepts now."""
 
