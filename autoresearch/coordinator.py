@@ -716,8 +716,7 @@ class Coordinator:
         model = self._exp_model(exp)
         if result.lost:  # its node or worker died: not the experiment's fault; it runs again
             model.fire("interrupt", reason=result.lost, graceful=True, node=result.where or None)
-            self._advance_all()
-            return
+            return  # retried by this turn's _decide, once every result of this poll is recorded
         node = {"node": result.where} if result.where else {}
         if exp.state == "training":
             evaluated = self.d.eval_argv() is not None and not run_failure(
