@@ -636,9 +636,12 @@ def _in_flight(path: Path) -> list[int] | None:
 
 
 def _find_answers(path: Path, rid: str) -> list:
-    """Every event that answers request `rid` (a bare skip: one per experiment it skipped)."""
+    """Every event that answers request `rid`, oldest first (a bare skip: one per experiment it
+    skipped); [] while none has."""
     from .eventlog import EventLog
 
+    if not path.exists():
+        return []
     log = EventLog.open_reader(path)
     try:
         return log.db.execute("SELECT seq, aggregate, trigger, dest, payload FROM events WHERE payload LIKE ? "
@@ -648,17 +651,9 @@ def _find_answers(path: Path, rid: str) -> list:
 
 
 def _find_answer(path: Path, rid: str):
-    """The event that answers request `rid`, or None (yet)."""
-    from .eventlog import EventLog
-
-    if not path.exists():
-        return None
-    log = EventLog.open_reader(path)
-    try:
-        return log.db.execute("SELECT seq, aggregate, trigger, dest, payload FROM events WHERE payload LIKE ? "
-                              "ORDER BY seq LIMIT 1", [f'%"request":"{rid}"%']).fetchone()
-    finally:
-        log.close()
+    """The first event that answers request `rid`, or None (yet)."""
+    answers = _find_answers(path, rid)
+    return answers[0] if answers else None
 
 
 def cmd_tail(args) -> int:
