@@ -113,7 +113,8 @@ class Figures:
 
 def run_config(cfg: Config, tmp: Path) -> Figures:
     root = make_workspace(tmp / cfg.label.replace(" ", "-"), train=WORKLOAD.format(run_s=cfg.run_s),
-                          run={"deadline_seconds": cfg.run_s + 60}, slots={"count": cfg.count, "lookahead": cfg.lookahead})
+                          run={"deadline_seconds": cfg.run_s + 60},
+                          slots={"count": cfg.count, "lookahead": cfg.lookahead})
     proposer = FixedLatencyProposer(cfg.latency_s)
     Daemon(root, max_experiments=cfg.experiments,
            proposer_factory=lambda config, kind=None: proposer).run()
@@ -141,9 +142,13 @@ def figures(cfg: Config, events: list) -> Figures:
         elif e.trigger in (*OUTCOMES, "reject", "skip", "give_up", "fail"):
             x["outcome"], x["outcome_t"] = e.trigger, t
     trials = {n: x for n, x in exps.items() if x.get("kind") == "experiment"}
-    wrong = {n: x.get("outcome") for n, x in trials.items() if x.get("outcome") != "discard" or not x.get("end")}
-    if wrong:  # the workload or the proposer misbehaved: the figures would mean nothing
-        raise SystemExit(f"{cfg.label}: experiments that did not run and get discarded: {wrong}")
+    # Each experiment is launched once, runs to its end and is discarded; anything else (a
+    # retry after a lost run, a crash) is a fault the figures would hide: say it instead.
+    wrong = {n: (x.get("outcome"), len(x["launches"])) for n, x in trials.items()
+             if x.get("outcome") != "discard" or not x.get("end") or len(x["launches"]) != 1}
+    if wrong:
+        raise SystemExit(f"{cfg.label}: experiments not launched once, run and discarded "
+                         f"(experiment: (outcome, launches)): {wrong}")
     ran = [x for x in trials.values() if x.get("outcome") in OUTCOMES]
     wall = max(x["outcome_t"] for x in ran) - min(x["launches"][0][0] for x in ran)
 

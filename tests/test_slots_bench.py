@@ -37,5 +37,5 @@ def test_slots_bench_quick_prints_its_figures():
     assert sum(n.startswith("idle gap") for n in names) == 4
     assert names[-1].startswith("loop overhead per experiment")
     assert re.search(r"^  the same with lookahead 0 .*\s(\d+) ms\s*$", out, re.M)
-    assert re.search(r"^4 slots, proposals 0.12 s .*lookahead 1: [\d.]+ x .* (\d+) ms; lookahead 2: [\d.]+ x, (\d+) ms$",
-                     out, re.M), out
+    assert re.search(r"^4 slots, proposals 0.12 s .*lookahead 1: [\d.]+ x .* (\d+) ms; "
+                     r"lookahead 2: [\d.]+ x, (\d+) ms$", out, re.M), out
