@@ -50,13 +50,26 @@ def _program_problem(program: str, cwd: Path) -> str:
 
 
 def rollback_under_way(d: "Daemon") -> bool:
-    """The last event ends an experiment that was not kept: its rollback (the side effect
-    after it) may have been cut short."""
+    """The last event is an experiment's outcome, and the reset of the human's worktree after it
+    may have been cut short: not kept (an agent CLI's leftovers rolled back), or kept and the
+    worktree half-way to it (HEAD not moved yet, every changed file already the best's)."""
     if d.log is None or not d.state.seq:
         return False
     last = next(d.log.events(since=d.state.seq - 1), None)
     exp = d.state.experiments.get(last.experiment) if last is not None else None
-    return exp is not None and exp.terminal and exp.state != "kept"
+    if exp is None or not exp.terminal:
+        return False
+    if exp.state != "kept":
+        return True
+    best = d.state.best_commit
+    if not best or d.ws.head() == best:
+        return False
+    changed = [p for p in d.ws.changes().paths if p not in HUMAN_FILES]
+    target = d.ws.files_at(best, changed)
+    # Only what the reset itself writes: a person's own edit is never reset away.
+    return bool(changed) and all(
+        target.get(p) is not None and (d.root / p).is_file() and (d.root / p).read_text() == target[p]
+        for p in changed)
 
 
 

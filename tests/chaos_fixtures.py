@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 import re
+import os
 import subprocess
 import threading
 import time
@@ -241,4 +242,9 @@ fi
 exec {real} "$@"
 """)
     script.chmod(0o755)
-    return {"GIT_PYTHON_GIT_EXECUTABLE": str(script)}
+    # GitPython's calls, and the plumbing run as `git` from PATH (gitsafe.run), both meet it.
+    bindir = workdir / f"fake-git-{verb}"
+    bindir.mkdir(exist_ok=True)
+    (bindir / "git").unlink(missing_ok=True)
+    (bindir / "git").symlink_to(script)
+    return {"GIT_PYTHON_GIT_EXECUTABLE": str(script), "PATH": f"{bindir}{os.pathsep}{os.environ['PATH']}"}
