@@ -218,6 +218,35 @@ def test_skip_reaches_a_remote_run(cluster, tmp_path, mode):
     wait_for(lambda: tagged_processes(root) == [], timeout=10)  # the worker killed the run
 
 
+def test_a_killed_daemon_takes_its_remote_runs_with_it_and_the_restart_reruns_them(cluster, tmp_path):
+    """Ray ties a task to its owner: kill -9 of the daemon ends the remote run (its worker goes,
+    and bubblewrap's --die-with-parent takes the run); the next start interrupts and re-runs it."""
+    from autoresearch import sandbox as sandbox_mod
+    from daemon_fixtures import kill9
+    if sandbox_mod.bwrap_usable()[0] is None:
+        pytest.skip("needs bubblewrap")
+    root = _ray_workspace(tmp_path / "ws", cluster.address, sandbox={"mode": "auto"})
+    # The run's own environment says how long it sleeps (a mode file would be hidden by the sandbox).
+    _commit_train(root, TRAIN.replace("mode_file = ", "print('sleeping', flush=True)\n"
+                                      "time.sleep(float(os.environ.get('AUTORESEARCH_TEST_SLEEP', '0')))\n"
+                                      "mode_file = ", 1))
+    proc = spawn_daemon(root, "--max-experiments", "1", env={"AUTORESEARCH_TEST_SLEEP": "60"})
+    try:
+        log = root / ".autoresearch" / "runs" / "0.log"
+        wait_for(lambda: log.exists() and "sleeping" in log.read_text(), timeout=90)
+        assert tagged_processes(root)
+    finally:
+        kill9(proc)
+    wait_for(lambda: tagged_processes(root) == [], timeout=30)  # gone with its owner, on the worker
+    out = cli("run", str(root), "--max-experiments", "1", env={"AUTORESEARCH_TEST_SLEEP": "0"}, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    st = state(root)
+    assert st.experiments[0].state == "kept" and st.experiments[0].interrupts == 1 and st.experiments[1].terminal
+    assert [e.trigger for e in events(root) if e.aggregate == "experiment:0"] == [
+        "adopt", "launch", "interrupt", "retry", "launch", "finish", "keep"]
+    assert verify_path(root / ".autoresearch" / "events.sqlite").ok
+
+
 def test_the_evaluation_step_reads_what_the_remote_training_run_left(cluster, tmp_path):
     """A training run's checkout comes back when it ends: the evaluation step (remote too) reads its outputs."""
     train = TRAIN.replace('print(f"val_bpb:', 'open("figure.txt", "w").write(f"{1.0 + loss:.6f}")\nprint(f"val_bpb:')
