@@ -396,3 +396,18 @@ def test_an_unreachable_head_is_one_line_and_a_failure_systemd_restarts(netns, t
     assert out.stderr.strip().splitlines()[-1].endswith(
         f"ray.address '127.0.0.1:{port}': nothing answers at 127.0.0.1:{port} (Connection refused)")
     assert "Traceback" not in out.stderr and time.monotonic() - t0 < 30
+
+
+@pytest.mark.parametrize("cfg, resources, slots", [
+    (RayConfig(num_gpus=1), {"CPU": 16, "GPU": 8}, 8),
+    (RayConfig(num_gpus=2), {"CPU": 16, "GPU": 7}, 3),
+    (RayConfig(num_gpus=0.5), {"CPU": 16, "GPU": 2}, 4),
+    (RayConfig(num_gpus=1), {"CPU": 16}, 0),  # a head without GPUs takes no run
+    (RayConfig(num_gpus=0), {"CPU": 16}, 1),  # CPU runs: one per node (a time budget must not share cores)
+    (RayConfig(num_gpus=1, accelerator_type="H100"), {"GPU": 8, "accelerator_type:H100": 1}, 8),
+    (RayConfig(num_gpus=1, accelerator_type="H100"), {"GPU": 8, "accelerator_type:A100": 1}, 0),
+])
+def test_a_nodes_slots_are_what_it_offers_for_the_configured_run(cfg, resources, slots):
+    ex = RayExecutor.__new__(RayExecutor)  # the rule alone, without a cluster
+    ex.cfg = cfg
+    assert ex._slots_of(resources) == slots
