@@ -295,8 +295,10 @@ class Daemon:
 
     def _make_coordinator(self) -> Coordinator:
         """The slots: how many, and which GPU each gets. Runs on different GPU models do not
-        compare under a time budget: refused unless the config allows it."""
-        visible = gpus.visible()
+        compare under a time budget: refused unless the config allows it. (With a remote
+        executor the runs are not on this machine's GPUs: [ray] accelerator_type says the model.)"""
+        remote = self.cfg.executor.kind != "local"
+        visible = [] if remote else gpus.visible()
         problem = gpus.check_models(visible, self.cfg.slots)
         if problem:
             raise ConfigError(f"{config_mod.CONFIG_NAME}: {problem}")
