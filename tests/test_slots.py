@@ -126,6 +126,8 @@ def test_kill9_with_every_slot_training_reruns_each_from_its_commit_in_a_free_sl
         exp = after.experiments[n]
         assert exp.commit == old.commit or old.commit is None  # the recorded commit, not a new proposal
         assert "commit" not in triggers or old.commit is None
+        if old.files is not None:  # a recorded proposal is re-applied as it was
+            assert (exp.files, exp.description) == (old.files, old.description)
         assert exp.state in ("kept", "discarded"), (n, exp.state, exp.reason)  # never the damaged copy
         assert exp.interrupts == 1
     assert sorted(last_in_slot) == list(range(count))  # every slot was free, every slot was used
@@ -215,8 +217,9 @@ def test_control_each_experiment_of_a_running_daemon(tmp_path, mode):
         assert [e.trigger for e in _after(root, 0, b.n)][-1] == "launch"  # nothing happened to b
 
         # A bare skip: every experiment in flight (those the person saw), each one's run gone.
-        seen = [e.n for e in state(root).in_flight()]
-        assert len(seen) == 3
+        seen = wait_for(lambda: [e.n for e in state(root).in_flight()][2:] and [e.n for e in state(root).in_flight()],
+                        timeout=30)  # b and c training, the lookahead one ready
+        mode.write_text("sleep:2")  # the runs launched after the skip are short
         _ok("skip", ws)
         st = state(root)
         assert all(st.experiments[n].state == "discarded" and st.experiments[n].reason == "skipped by user"
@@ -224,13 +227,12 @@ def test_control_each_experiment_of_a_running_daemon(tmp_path, mode):
         wait_for(lambda: not any(_run_pids(root, n) for n in seen), timeout=10)
 
         # pause: both runs finish and are judged; nothing new is launched or started.
-        mode.write_text("sleep:2")
-        two = wait_for(lambda: _training(root, 2), timeout=60)
+        two = wait_for(lambda: (t := _training(root, 2)) and not set(t) & set(seen) and t, timeout=60)
         _ok("pause", ws)
         pause = [e for e in events(root) if e.trigger == "pause"][-1]
         wait_for(lambda: all(state(root).experiments[n].terminal for n in two), timeout=30)
         st = state(root)
-        assert all(st.experiments[n].state in ("kept", "discarded") for n in two)
+        assert all(st.experiments[n].state in ("kept", "discarded") for n in two), [(n, st.experiments[n].state, st.experiments[n].reason) for n in two]
         time.sleep(1.5)  # a paused daemon stays idle
         later = [e for e in events(root) if e.seq > pause.seq]
         assert not [e for e in later if e.trigger in ("launch", "start")], [e.trigger for e in later]
