@@ -18,7 +18,7 @@ import chaos  # noqa: E402
 
 # slots -> kills: one slot as before; 2 and 3 slots (runs of 0.5 s, so that kills land with
 # several training) with fewer kills each, so that the three stay within CI's time.
-KILLS = {1: 60, 2: 30, 3: 30}
+KILLS = {1: 50, 2: 25, 3: 25}
 
 
 @pytest.mark.slow
