@@ -400,8 +400,8 @@ class Coordinator:
         proposer = self.d.make_proposer(self.cfg)
         edits = bool(getattr(proposer, "edits_worktree", False))
         lane = "command" if edits else "memory"  # the pool runs one worktree editor at a time
-        if not self.pool.may_start(lane):
-            return
+        if not self.pool.may_start(lane) or (edits and self._editing is not None):
+            return  # (the last one's outcome, ready or not, is taken first: it restores the worktree)
         best = self.state.best_commit
         if edits:  # an agent CLI edits the human's worktree: it starts from the best
             head = self.ws.head()

@@ -458,8 +458,9 @@ def _settled(tmp_path: Path, n: int = 3) -> Case:
 def _go_on(case: Case, refs_before: dict) -> None:
     """The daemon starts again, numbers the next experiment above all git knows, moves no ref."""
     taken = max(int(name.rsplit("/", 1)[1]) for name in refs_before)
-    # Two outcomes: an experiment whose start survived but not its commit ends first (given up).
-    out = case.run("--max-experiments", "2")
+    # The experiments in flight at the kill (up to count + lookahead = 2: one whose start survived
+    # but not its commit is given up) end first; one more outcome is a new experiment.
+    out = case.run("--max-experiments", "3")
     assert out.returncode == 0, out.stderr[-2000:]
     assert refs_overwritten(refs_before, case.root) == []
     st = fold(events(case.root))
