@@ -56,7 +56,7 @@ from . import __version__, sandbox
 from .errors import ClusterUnreachableError
 from .config import RayConfig
 from .executor import RunInfo, RunSpec
-from .runner import GRACE_S, RECORDED_TAIL_CHARS, Run, RunResult, parse_metric
+from .runner import GRACE_S, RECORDED_TAIL_CHARS, Run, RunResult, parse_metric, scrubbed_env
 
 VERSION_ENV = "AUTORESEARCH_NODE_VERSION"  # the version a node reports instead of its own (tests)
 PACK_MAX_BYTES = 256 * 2**20  # a checkout bigger than this (gzipped) is not shipped
@@ -119,6 +119,16 @@ def _where() -> dict:
 def _worker_cache_dir() -> Path:
     from .trainer.settings import cache_dir
     return cache_dir().absolute()
+
+
+def shipped(spec: RunSpec) -> RunSpec:
+    """The RunSpec as it leaves this machine: the worker's own interpreter for ours, and only the
+    environment a run may see (scrubbed here, before it is pickled into Ray's object store: no API
+    key, token or credential of the daemon's travels to the cluster)."""
+    argv = list(spec.argv)
+    if argv and argv[0] == sys.executable:
+        argv[0] = "python"  # the worker's own interpreter (runner.Run maps it)
+    return dataclasses.replace(spec, argv=tuple(argv), env=scrubbed_env(spec.env))
 
 
 def _worker_env(spec_env: dict[str, str]) -> dict[str, str]:
@@ -532,10 +542,7 @@ class RayExecutor:
         if node is None:
             raise RuntimeError(f"run {key!r} submitted beyond capacity")
         started = time.monotonic()
-        argv = list(spec.argv)
-        if argv and argv[0] == sys.executable:
-            argv[0] = "python"  # the worker's own interpreter (runner.Run maps it)
-        spec = dataclasses.replace(spec, argv=tuple(argv))
+        spec = shipped(spec)
         Path(spec.log_path).parent.mkdir(parents=True, exist_ok=True)
         try:
             packed = pack(spec.cwd)

@@ -411,3 +411,20 @@ def test_a_nodes_slots_are_what_it_offers_for_the_configured_run(cfg, resources,
     ex = RayExecutor.__new__(RayExecutor)  # the rule alone, without a cluster
     ex.cfg = cfg
     assert ex._slots_of(resources) == slots
+
+
+def test_no_secret_of_the_daemon_leaves_the_machine_with_a_run():
+    """The RunSpec is pickled into Ray's object store: its environment is scrubbed before."""
+    from autoresearch.config import SandboxConfig
+    from autoresearch.executor import RunSpec
+    from autoresearch.ray_executor import shipped
+
+    env = {"PATH": "/usr/bin", "ANTHROPIC_API_KEY": "sk-ant-canary", "GITHUB_TOKEN": "ghp_canary",
+           "DATABASE_URL": "postgres://u:p@db/x", "AUTORESEARCH_RUN_TAG": "abc.3", "OMP_NUM_THREADS": "2"}
+    spec = RunSpec(argv=(sys.executable, "train.py"), cwd="/tmp", log_path="/tmp/x.log", deadline_s=5,
+                   log_max_bytes=1000, sandbox=SandboxConfig(), layout=None, metric_regex="x", memory_regex=None,
+                   env=env)
+    out = shipped(spec)
+    assert out.argv == ("python", "train.py")
+    assert "canary" not in repr(out) and "postgres" not in repr(out)
+    assert out.env["AUTORESEARCH_RUN_TAG"] == "abc.3" and out.env["OMP_NUM_THREADS"] == "2"
