@@ -9,7 +9,6 @@ whatever slot it held) and puts the human's worktree back at the best.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 from pathlib import Path
@@ -20,16 +19,13 @@ import structlog
 from . import __version__, config as config_mod
 from .errors import ConfigError, WorkspaceError
 from .runner import kill_tagged, scrubbed_env
-from .workspace import HUMAN_FILES
+from .workspace import HUMAN_FILES, sha256_hex
 
 if TYPE_CHECKING:
     from .daemon import Daemon
 
 log = structlog.get_logger("autoresearch.daemon")
 
-
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def _program_problem(program: str, cwd: Path) -> str:
@@ -160,8 +156,8 @@ def boot(d: "Daemon") -> None:
     d.program_text = program.decode("utf-8", errors="replace")
     d.machines.daemon.fire(
         "boot", pid=os.getpid(), version=__version__, profile=d.cfg.workload.profile or st.profile,
-        program_hash=st.program_hash or _sha256(program),
-        config_hash=_sha256((d.root / config_mod.CONFIG_NAME).read_bytes()), branch=d.branch,
+        program_hash=st.program_hash or sha256_hex(program),
+        config_hash=sha256_hex((d.root / config_mod.CONFIG_NAME).read_bytes()), branch=d.branch,
         **({"program_missing": True} if not program_path.exists() else {}),
         **({"overrides": d.overrides} if d.overrides else {}))
     if d.overrides:
@@ -212,7 +208,7 @@ def boot(d: "Daemon") -> None:
         d.machines.daemon.fire("pause", request="", restored=True)
         log.warning("paused before this start; waiting for `autoresearch resume`",
                     workspace=str(d.root))
-    new_hash = _sha256(program)
+    new_hash = sha256_hex(program)
     if st.program_hash and new_hash != st.program_hash:
         d.machines.daemon.fire("note", kind="program_changed", old_hash=st.program_hash,
                                   new_hash=new_hash, added=0, removed=0, while_stopped=True)

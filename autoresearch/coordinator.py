@@ -34,14 +34,14 @@ from . import config as config_mod, gpus, sandbox
 from .clock import parse_utc, utc_iso
 from . import executor as executor_mod
 from .executor import RunSpec
-from .judge import Verdict, judge, run_failure
+from .judge import judge, run_failure
 from .machine import LEGAL
 from .proposers.base import InFlight, NoEdit, Proposal, ProposerAuthError, ProposerUnavailable
 from .proposers.pool import ProposalPool
 from .proposers.prompt import change_summary
 from .runner import kill_tagged
 from .state import RUNNING, TRIALS, Experiment
-from .workspace import HUMAN_FILES, blob_sha
+from .workspace import HUMAN_FILES, blob_sha, sha256_hex
 
 if TYPE_CHECKING:
     from .daemon import Daemon
@@ -51,10 +51,6 @@ log = structlog.get_logger("autoresearch.coordinator")
 BACKOFF_S = (5, 15, 30, 60, 120, 300, 600)  # blocked: wait before retrying
 PREPARE = "prepare"  # the executor key of run.prepare_command's run (experiments use their number)
 
-
-def _sha256(data: bytes) -> str:
-    import hashlib
-    return hashlib.sha256(data).hexdigest()
 
 
 def _finite_or_none(value: float | None) -> float | None:
@@ -613,7 +609,7 @@ class Coordinator:
             self.ws.set_exp_ref(exp.n, sha)
         added, removed = self.ws.numstat(parent, sha)
         model.fire("commit", commit=sha, parent=parent, added=added, removed=removed,
-                   hashes={p: _sha256(t.encode()) for p, t in files.items()})
+                   hashes={p: sha256_hex(t.encode()) for p, t in files.items()})
 
     def _other_parents(self, exp: Experiment) -> list[str]:
         """A merge's commit parents after its first (the merged experiment's commit)."""
@@ -652,7 +648,7 @@ class Coordinator:
         checkout = self.ws.run_checkout(slot, exp.commit, extra=human)
         for path, digest in exp.hashes.items():
             try:
-                actual = _sha256((checkout / path).read_bytes())
+                actual = sha256_hex((checkout / path).read_bytes())
             except OSError:
                 actual = "missing"
             if actual != digest:
@@ -770,7 +766,7 @@ class Coordinator:
         sb = self.cfg.sandbox
         kind, why = sandbox.expected(sb.mode)
         model.fire("evaluate", log=str(log_path.relative_to(self.d.root)), attempt=attempt, sandbox=kind,
-                   sandbox_why=why, files={p: _sha256(files[p]) for p in self.cfg.eval.files if p in files},
+                   sandbox_why=why, files={p: sha256_hex(files[p]) for p in self.cfg.eval.files if p in files},
                    missing=missing)
         layout = sandbox.Layout(checkout=checkout, hide=(self.d.root, Path(self.ws.repo.common_dir)),
                                 read_only=self.d.run_read_only(), writable=False,

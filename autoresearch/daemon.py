@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import difflib
 import errno
-import hashlib
 import json
 import logging
 import os
@@ -43,7 +42,7 @@ from .notify import Notifier, WatchdogTimer
 from .report import fmt_duration, status_line
 from . import sandbox
 from .state import State, apply
-from .workspace import HUMAN_FILES, STATE_DIR, Workspace
+from .workspace import HUMAN_FILES, STATE_DIR, Workspace, sha256_hex
 
 log = structlog.get_logger("autoresearch.daemon")
 logging.getLogger("transitions").setLevel(logging.WARNING)  # our own events say it all
@@ -54,9 +53,6 @@ STATUS_REFRESH_S = 5.0  # STATUS= while a run is in flight: its elapsed time, th
 DISK_FULL_RETRY_S = (0.5, 30.0)  # first and longest wait between appends while the disk is full
 PROGRAM_SETTLE_S = 0.2  # an editor's save may take several writes; record the settled text once
 
-
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def make_proposer(cfg: config_mod.Config, kind: str | None = None):
@@ -399,7 +395,7 @@ class Daemon:
     def run_tag(self, n=None) -> str:
         """AUTORESEARCH_RUN_TAG: the workspace's (every run of it carries it), with `.<n>` for
         experiment n's runs, so that orphans are found per run and per workspace (kill_tagged)."""
-        tag = _sha256(str(self.root).encode())[:16]
+        tag = sha256_hex(str(self.root).encode())[:16]
         return tag if n is None else f"{tag}.{n}"
 
     # ------------------------------------------------------------------ the loop
@@ -546,7 +542,7 @@ class Daemon:
         changed = config_mod.differences(self.cfg, cfg)
         self.cfg = cfg
         self.ws.editable = cfg.run.editable
-        self.machines.daemon.fire("note", kind="config_reloaded", config_hash=_sha256(path.read_bytes()),
+        self.machines.daemon.fire("note", kind="config_reloaded", config_hash=sha256_hex(path.read_bytes()),
                                   changed=changed, **who)
         self.notifier.ready(self.status())
 
@@ -559,7 +555,7 @@ class Daemon:
             data = path.read_bytes()
         except FileNotFoundError:
             return
-        new_hash = _sha256(data)
+        new_hash = sha256_hex(data)
         if new_hash == self.state.program_hash:
             return
         text = data.decode("utf-8", errors="replace")

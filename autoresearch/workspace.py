@@ -718,6 +718,11 @@ def _merge_lines(base: str, ours: str, theirs: str) -> str | None:
     return "".join(out)
 
 
+def sha256_hex(data: bytes) -> str:
+    """The SHA-256 the log records of a file's content (program.md, the config, proposals' files)."""
+    return hashlib.sha256(data).hexdigest()
+
+
 def blob_sha(text: str) -> str:
     """The git blob id of ``text`` encoded as UTF-8 (what `git hash-object` prints)."""
     data = text.encode("utf-8")
