@@ -13,18 +13,19 @@ states: no side effect is re-run by restoring.
 
 Payload keys, by trigger (experiment machine):
   start      kind ("experiment"|"baseline"|"merge"), proposer, parent, parents (both optional: schema 2)
-  proposed   description, files {path: text}, proposer, usage, cost_usd, meta, parent, parents (optional)
+  proposed   description, files {path: text}, proposer, usage, cost_usd, meta, parent (the best
+             when the proposal was asked: what it changed), parent, parents (optional)
   spend      usage, cost_usd, reason          (a proposer call that gave nothing)
   commit     commit, parent, hashes {path: sha256}, added, removed
   adopt      commit, parent, hashes, files, description   (baseline: run the best as is)
-  launch     log, attempt, sandbox, slot, device (both optional: schema 2)
+  launch     log, attempt, sandbox, slot, device, slot, device (both optional: schema 2)
   rerun      like launch (noise runs of the baseline)
   finish     exit_code, signal, timed_out, killed, metric, memory_gb, duration_s, log_tail
   trained    like finish: a run that ended well, whose metric is then evaluated (metric: what
              the run printed, or None)
   evaluate   log, attempt, sandbox, files {path: sha256}   (an evaluation process started)
   evaluated  exit_code, signal, killed, metric (the trusted one), duration_s, log_tail, failure
-  keep/discard/crash/reject/skip/give_up   reason, metric
+  keep/discard/crash/reject/skip/give_up   reason, metric; keep/discard: merge (a merge is owed)
   fail       reason, runs   (the baseline's run failed: the daemon blocks, then retries the same experiment)
   interrupt  reason, graceful (a person's stop: never counts toward limits.max_interrupts)
 Daemon machine:
@@ -35,7 +36,9 @@ Daemon machine:
   baseline_done  n, commit, metric, sigma, threshold
   pause/resume   request (pause: restored=True when re-entered after a restart)
   note       kind: program_changed (old_hash, new_hash, added, removed) | config_reloaded |
-             config_rejected (error) | adopted_user_commit (commit, previous, remeasure) | request (request, action,
+             config_rejected (error) | merge_refused (commit: an owed merge that does not apply) |
+             node (a remote executor's node: usable or why not) | late_spend (a cancelled proposal's
+             tokens) | adopted_user_commit (commit, previous, remeasure) | request (request, action,
              outcome: a request answered "ignored: ...") | failure (error, experiment, state,
              daemon: an unexpected exception ended the daemon) |
              model (model, id, display_name, lifecycle, deprecated_at, retires_at, error)
