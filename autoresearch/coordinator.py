@@ -246,7 +246,7 @@ class Coordinator:
             elif exp.kind == "merge":  # its start survived a crash, its merged change did not
                 if propose:
                     self._propose_merge(exp)
-            elif exp.n not in self.pool.busy() and propose and exp.kind != "merge":
+            elif exp.n not in self.pool.busy() and propose:
                 self._ask(exp)
         elif s == "committed":
             if launch:
@@ -281,12 +281,10 @@ class Coordinator:
         True when the loop is over (caps -> exhausted, this invocation's limits -> stopped)."""
         d = self.machines.daemon
         live = [e for e in self.state.in_flight() if e.kind != "baseline"]
-        if not self._wind_down:
-            self._wind_down = self._cap_reached()
-        if self._wind_down:
+        if self._wind_down:  # (caps are checked by _decide before anything is advanced)
             if self._busy():
                 return False
-            self._interrupt_queued("caps reached")
+            self._interrupt_queued(self._wind_down)
             d.fire("exhaust", reason=self._wind_down)
             log.info("caps reached; exiting", reason=self._wind_down)
             return True
