@@ -18,7 +18,7 @@ import chaos  # noqa: E402
 
 # slots -> kills: one slot as before; 2 and 3 slots (runs of 0.5 s, so that kills land with
 # several training) with fewer kills each, so that the three stay within CI's time.
-KILLS = {1: 50, 2: 25, 3: 25}
+KILLS = {1: 40, 2: 20, 3: 20}
 
 
 @pytest.mark.slow
