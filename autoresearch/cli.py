@@ -561,7 +561,7 @@ def cmd_request(args) -> int:
     if args.command == "skip":
         target = args.experiment
         if target is None:  # every experiment in flight, as the person sees them now
-            seen = _in_flight(state_dir / "events.sqlite")
+            seen = _in_flight(root)
     rid = submit_request(state_dir, args.command, experiment=target, seen=seen)
     row, gone = _await_answer(state_dir, rid, args.timeout)
     if row is None:
@@ -619,20 +619,13 @@ def _await_answer(state_dir: Path, rid: str, timeout: float):
     return row, gone
 
 
-def _in_flight(path: Path) -> list[int] | None:
+def _in_flight(root: Path) -> list[int] | None:
     """The experiments in flight per the log (without an outcome yet); None if unreadable (the
     daemon then skips whatever is in flight when it reads the request)."""
-    from .eventlog import EventLog
-
     try:
-        log = EventLog.open_reader(path)
-        try:
-            state = log.state()
-        finally:
-            log.close()
-    except (UserError, sqlite3.DatabaseError):
+        return [e.n for e in _read_state(root).in_flight()]
+    except UserError:
         return None
-    return [e.n for e in state.in_flight()]
 
 
 def _find_answers(path: Path, rid: str) -> list:

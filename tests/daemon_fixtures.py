@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
+import socket
 import shutil
 import signal
 import subprocess
@@ -265,3 +267,29 @@ def mode(tmp_path):
 def mode_env(mode, **extra):
     """The environment that points a run at the `mode` file."""
     return {"AUTORESEARCH_TEST_MODE": str(mode), **extra}
+
+
+class NotifySink:
+    """A fake systemd notify socket: collects (arrival time, datagram)."""
+
+    def __init__(self, path):
+        self.path = str(path)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(self.path)
+        self.sock.settimeout(0.1)
+        self.messages: list[tuple[float, str]] = []
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._listen, daemon=True)
+        self._thread.start()
+
+    def _listen(self):
+        while not self._done.is_set():
+            try:
+                self.messages.append((time.monotonic(), self.sock.recv(65536).decode()))
+            except socket.timeout:
+                pass
+
+    def close(self):
+        self._done.set()
+        self._thread.join(timeout=5)
+        self.sock.close()

@@ -12,10 +12,8 @@ from __future__ import annotations
 import errno
 import os
 import signal
-import socket
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
@@ -23,7 +21,7 @@ import pytest
 from autoresearch.eventlog import verify_path
 
 from chaos_fixtures import check_invariants
-from daemon_fixtures import REPO, current, events, has_event, kill_runs, make_workspace, wait_for
+from daemon_fixtures import NotifySink, REPO, current, events, has_event, kill_runs, make_workspace, wait_for
 
 
 @pytest.fixture
@@ -52,32 +50,6 @@ def _fill(path):
                     assert exc.errno == errno.ENOSPC
                     break
     return written
-
-
-class NotifySink:
-    """A fake systemd notify socket: collects (arrival time, datagram)."""
-
-    def __init__(self, path):
-        self.path = str(path)
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(self.path)
-        self.sock.settimeout(0.1)
-        self.messages: list[tuple[float, str]] = []
-        self._done = threading.Event()
-        self._thread = threading.Thread(target=self._listen, daemon=True)
-        self._thread.start()
-
-    def _listen(self):
-        while not self._done.is_set():
-            try:
-                self.messages.append((time.monotonic(), self.sock.recv(65536).decode()))
-            except socket.timeout:
-                pass
-
-    def close(self):
-        self._done.set()
-        self._thread.join(timeout=5)
-        self.sock.close()
 
 
 def test_disk_full_during_an_append_waits_then_continues(tmp_path, small_disk):

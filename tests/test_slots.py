@@ -16,15 +16,13 @@ import json
 import os
 import re
 import shutil
-import socket
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
 from chaos_fixtures import check_invariants
-from daemon_fixtures import cli, events, git, kill9, kill_runs, make_workspace, mode, mode_env, spawn_daemon, state, \
+from daemon_fixtures import NotifySink, cli, events, git, kill9, kill_runs, make_workspace, mode, mode_env, spawn_daemon, state, \
     wait_for
 
 
@@ -145,32 +143,6 @@ def test_kill9_with_every_slot_training_reruns_each_from_its_commit_in_a_free_sl
 
 # ---------------------------------------------------------------- control per experiment
 
-class Notify:
-    """A fake systemd notify socket: every datagram the daemon sends, in order."""
-
-    def __init__(self, path: Path):
-        self.path = str(path)
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(self.path)
-        self.sock.settimeout(0.1)
-        self.messages: list[str] = []
-        self._done = threading.Event()
-        self._thread = threading.Thread(target=self._listen, daemon=True)
-        self._thread.start()
-
-    def _listen(self):
-        while not self._done.is_set():
-            try:
-                self.messages.append(self.sock.recv(65536).decode())
-            except socket.timeout:
-                pass
-
-    def close(self):
-        self._done.set()
-        self._thread.join(timeout=2)
-        self.sock.close()
-
-
 def _ok(*args: str) -> str:
     out = cli(*args, timeout=60)
     assert out.returncode == 0, (args, out.returncode, out.stderr[-2000:])
@@ -181,7 +153,7 @@ def test_control_each_experiment_of_a_running_daemon(tmp_path, mode):
     root = make_workspace(tmp_path / "ws", slots={"count": 2})
     ws = str(root)
     _ok("run", ws, "--max-experiments", "0")  # the baseline
-    notify = Notify(tmp_path / "notify.sock")
+    notify = NotifySink(tmp_path / "notify.sock")
     mode.write_text("sleep:60")
     proc = spawn_daemon(root, env=mode_env(mode, NOTIFY_SOCKET=notify.path))
     try:
@@ -204,7 +176,7 @@ def test_control_each_experiment_of_a_running_daemon(tmp_path, mode):
         assert waiting["state"] in ("proposing", "committed") and waiting["slot"] is None
         # The systemd STATUS line summarises the slots.
         wait_for(lambda: any(m.startswith("STATUS=3 in flight: ") and f"exp {a.n} training " in m
-                             and f"exp {b.n} training " in m for m in notify.messages), timeout=15)
+                             and f"exp {b.n} training " in m for _, m in notify.messages), timeout=15)
 
         # skip lab N: exactly N; the other run goes on untouched; the freed slot takes the next one.
         _ok("skip", ws, str(a.n))
