@@ -119,31 +119,42 @@ def test_a_request_without_a_daemon_is_a_clear_error(tmp_path):
 
 
 def test_a_pause_outlives_a_restart_and_a_queued_resume_ends_it(tmp_path, mode):
-    root = make_workspace(tmp_path / "ws", slots={"lookahead": 0})  # one in flight: none waits after the pause
+    root = make_workspace(tmp_path / "ws", slots={"lookahead": 0})  # at most one in flight
     proc = spawn_daemon(root, env=mode_env(mode))
+
+    def running(st):
+        return [e for e in st.in_flight() if e.state in ("training", "evaluating", "judging")]
     try:
         wait_for(lambda: has_event(root, "baseline_done"), timeout=60)
         assert cli("pause", str(root)).returncode == 0
-        wait_for(lambda: state(root).current() is None, timeout=60)  # the run in flight finished
+        # Every run in flight finishes and is judged; a proposal that was under way when the pause
+        # came is recorded and waits, committed (nothing is launched while paused).
+        wait_for(lambda: not running(state(root)) and not tagged_processes(root), timeout=60)
+        time.sleep(0.5)
+        assert not running(state(root)), "a run was launched while paused"
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=20) == 0
     finally:
         if proc.poll() is None:
             kill9(proc)
-    done = len(state(root).experiments)
+    st = state(root)
+    done, ended = len(st.experiments), sum(e.terminal for e in st.experiments.values())
     # A restart (a reboot, systemd's Restart=) stays paused: no experiment starts.
     out = cli("run", str(root), "--for", "2s", env=mode_env(mode))
     assert out.returncode == 0, out.stderr
     restored = [e for e in events(root) if e.trigger == "pause"][-1]
     assert restored.payload.get("restored") is True and restored.source == "starting"
     assert len(state(root).experiments) == done and state(root).paused
-    # `resume` while no daemon runs is queued, and the next start acts on it.
+    assert not any(e.trigger == "launch" and e.seq > restored.seq for e in events(root))
+    # `resume` while no daemon runs is queued, and the next start acts on it: one outcome (the
+    # experiment that waited, if one did, else a new one), then nothing left in flight.
     out = cli("resume", str(root))
     assert out.returncode == 0 and "queued" in out.stdout, out.stderr
     out = cli("run", str(root), "--max-experiments", "1", env=mode_env(mode))
     assert out.returncode == 0, out.stderr
     st = state(root)
-    assert not st.paused and len(st.experiments) == done + 1 and st.experiments[done].terminal
+    assert not st.paused and sum(e.terminal for e in st.experiments.values()) == ended + 1
+    assert len(st.experiments) <= done + 1 and st.current() is None
 
 
 def test_sighup_with_a_broken_config_keeps_the_old_one(tmp_path, mode):
